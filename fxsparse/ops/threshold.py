@@ -1,0 +1,78 @@
+"""The threshold state: one small tensor per attention site that every backend reads on device.
+
+Layout, float32 of shape (2, 5): row 0 is prefill (Lq > 1), row 1 is decode (Lq == 1); columns::
+
+    ENABLED   THRESHOLD   A   B   TARGET
+      1.0       λ_fixed   a   b     S
+
+λ = 0 when ENABLED is 0; else a·exp(b·S)/Lk when a > 0 (the calibrated law), else λ_fixed.
+Kernels read the state from memory, so changing any entry never recompiles anything.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+PREFILL, DECODE = 0, 1
+ENABLED, THRESHOLD, A, B, TARGET = range(5)
+STATE_SHAPE = (2, 5)
+
+
+def phase_of(query_len: int) -> int:
+    """Decode when a single query row attends, else prefill."""
+    return DECODE if query_len == 1 else PREFILL
+
+
+def _per_phase(value: float | Mapping[str, float], name: str) -> tuple[float, float]:
+    if isinstance(value, Mapping):
+        return float(value["prefill"]), float(value["decode"])
+    return float(value), float(value)
+
+
+def make_threshold_state(
+    threshold: float | Mapping[str, float] = 0.0,
+    *,
+    law: Mapping[str, Mapping[str, float]] | None = None,
+    target: float | Mapping[str, float] = 0.0,
+    enabled: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Build a (2, 5) state.
+
+    Args:
+        threshold: fixed λ, one number or ``{"prefill": λp, "decode": λd}``.
+        law: calibrated ``{"prefill": {"a": .., "b": ..}, "decode": {...}}``; overrides ``threshold``
+            for phases whose ``a`` is positive.
+        target: target sparsity S for the law.
+        enabled: False makes every phase dense.
+    """
+    state = torch.zeros(STATE_SHAPE, dtype=torch.float32, device=device)
+    state[:, ENABLED] = float(enabled)
+    thresholds = _per_phase(threshold, "threshold")
+    targets = _per_phase(target, "target")
+    for phase, name in ((PREFILL, "prefill"), (DECODE, "decode")):
+        if thresholds[phase] < 0 or not math.isfinite(thresholds[phase]):
+            raise ValueError(f"threshold ({name}) must be a finite λ >= 0, got {thresholds[phase]}")
+        state[phase, THRESHOLD] = thresholds[phase]
+        state[phase, TARGET] = targets[phase]
+        if law is not None and name in law:
+            state[phase, A] = float(law[name]["a"])
+            state[phase, B] = float(law[name]["b"])
+    return state
+
+
+def log_threshold(state: torch.Tensor, phase: int, kv_len: int) -> torch.Tensor:
+    """ln λ for one phase as a 0-dim float32 tensor on the state's device (−inf means never skip)."""
+    row = state[phase].float()
+    law = row[A] * torch.exp(row[B] * row[TARGET]) / kv_len
+    lam = torch.where(row[A] > 0, law, row[THRESHOLD]) * row[ENABLED]
+    return torch.log(lam)
+
+
+def validate_threshold_state(state: torch.Tensor) -> None:
+    if not isinstance(state, torch.Tensor) or tuple(state.shape) != STATE_SHAPE:
+        shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+        raise ValueError(f"threshold state must be a tensor of shape {STATE_SHAPE}, got {shape}")

@@ -1,0 +1,140 @@
+"""Attention sites: what each rewritten attention subgraph carries, and how users steer it.
+
+Every rewrite inserts one ``torch.ops.fxsparse.skip_softmax_attention`` call that reads three
+buffers of a ``SparseSite``::
+
+    threshold_state   float32 (2, 5)     λ or the calibrated law per phase, and the enable flag
+    stats             int64   (2, 1 + T) [valid tiles, skipped tiles under each of T thresholds]
+    trial_thresholds  float32 (T,)       empty normally; the λ grid while calibration measures
+
+The graph looks the buffers up at call time, so ``set_threshold``, ``set_law``, ``set_enabled`` and
+``measuring`` change behaviour without recompiling anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .config import PhaseValues, SiteConfig
+from .ops.threshold import A, B, DECODE, ENABLED, PREFILL, TARGET, THRESHOLD, make_threshold_state
+
+PHASE_ROWS = {"prefill": PREFILL, "decode": DECODE}
+
+
+class SparseSite(nn.Module):
+    """One attention site (named by its module path, e.g. ``model.layers.3.self_attn``).
+
+    Args:
+        name: the site's module path.
+        config: resolved settings (tile sizes, backend, threshold, enable).
+        persistent: whether the buffers belong to the state_dict (True for exported programs).
+    """
+
+    def __init__(self, name: str, config: SiteConfig, persistent: bool = False):
+        super().__init__()
+        self.name = name
+        self.config = config
+        state = make_threshold_state(config.threshold.to_dict(), enabled=config.enable)
+        self.register_buffer("threshold_state", state, persistent=persistent)
+        self.register_buffer("stats", torch.zeros(2, 2, dtype=torch.int64), persistent=persistent)
+        self.register_buffer("trial_thresholds", torch.zeros(0), persistent=persistent)
+
+    # -- steering (in place: the graph keeps reading the same tensors) --
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.threshold_state[PREFILL, ENABLED] > 0)
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.threshold_state[:, ENABLED] = float(enabled)
+
+    def set_threshold(self, threshold: float | Mapping[str, float]) -> None:
+        """Fixed λ per phase; clears any calibrated law."""
+        values = PhaseValues.parse(threshold, f"{self.name}.threshold", 0.0, float("inf"))
+        for phase, row in PHASE_ROWS.items():
+            self.threshold_state[row, THRESHOLD] = getattr(values, phase)
+            self.threshold_state[row, A] = 0.0
+            self.threshold_state[row, B] = 0.0
+
+    def set_law(self, law: Mapping[str, Mapping[str, float]], target: float | Mapping[str, float]) -> None:
+        """Calibrated λ = a·exp(b·S)/L for the phases in ``law`` (``{"prefill": {"a": .., "b": ..}}``)."""
+        for phase, params in law.items():
+            row = PHASE_ROWS[phase]
+            if not params["a"] > 0:
+                raise ValueError(f"{self.name}: law 'a' must be > 0 for {phase}, got {params['a']}")
+            self.threshold_state[row, A] = float(params["a"])
+            self.threshold_state[row, B] = float(params["b"])
+        self.set_target(target)
+
+    def set_target(self, target: float | Mapping[str, float]) -> None:
+        """Change the target sparsity S of the calibrated law; no recalibration needed."""
+        values = PhaseValues.parse(target, f"{self.name}.target_sparse_ratio", 0.0, 0.99)
+        for phase, row in PHASE_ROWS.items():
+            self.threshold_state[row, TARGET] = getattr(values, phase)
+
+    def law(self) -> dict[str, dict[str, float]] | None:
+        """The calibrated ``{"prefill": {"a", "b", "target"}, ...}``, or None when λ is fixed."""
+        state = self.threshold_state.detach().cpu()
+        phases = {
+            phase: {"a": float(state[row, A]), "b": float(state[row, B]), "target": float(state[row, TARGET])}
+            for phase, row in PHASE_ROWS.items()
+            if state[row, A] > 0
+        }
+        return phases or None
+
+    def thresholds(self) -> dict[str, float]:
+        state = self.threshold_state.detach().cpu()
+        return {phase: float(state[row, THRESHOLD]) for phase, row in PHASE_ROWS.items()}
+
+    # -- statistics --
+
+    def reset_stats(self) -> None:
+        self.stats.zero_()
+
+    def sparsity(self) -> dict[str, float | None]:
+        """Skipped / valid tiles per phase since the last reset (None where nothing ran)."""
+        stats = self.stats.detach().cpu()
+        return {
+            phase: (float(stats[row, 1]) / float(stats[row, 0]) if stats[row, 0] > 0 else None)
+            for phase, row in PHASE_ROWS.items()
+        }
+
+    @contextlib.contextmanager
+    def measuring(self, trial_thresholds: torch.Tensor) -> Iterator[None]:
+        """Run dense while counting, per phase, the tiles each trial λ would skip.
+
+        Inside the block ``stats`` has shape (2, 1 + T); it is restored (zeroed, (2, 2)) after.
+        """
+        device = self.threshold_state.device
+        self.trial_thresholds = trial_thresholds.to(device=device, dtype=torch.float32)
+        self.stats = torch.zeros(2, 1 + len(trial_thresholds), dtype=torch.int64, device=device)
+        try:
+            yield
+        finally:
+            self.trial_thresholds = torch.zeros(0, device=device)
+            self.stats = torch.zeros(2, 2, dtype=torch.int64, device=device)
+
+    def describe(self) -> dict:
+        """A plain-dict summary: settings, threshold or law, measured sparsity."""
+        return {
+            "name": self.name,
+            "enabled": self.enabled,
+            "br": self.config.br,
+            "bc": self.config.bc,
+            "backend": self.config.backend,
+            "threshold": self.thresholds(),
+            "law": self.law(),
+            "sparsity": self.sparsity(),
+        }
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, br={self.config.br}, bc={self.config.bc}, backend={self.config.backend!r}"
+
+
+def sites_of(model: nn.Module) -> dict[str, SparseSite]:
+    """All sparse sites under ``model``, by site name, in module order."""
+    return {m.name: m for m in model.modules() if isinstance(m, SparseSite)}
