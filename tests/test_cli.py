@@ -1,0 +1,182 @@
+"""The ``fxsparse`` command on a tiny random Llama saved in a temp dir: every flag, export/reload, errors.
+
+``main([...])`` runs in-process; one subprocess checks ``python -m fxsparse --help``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM
+
+import fxsparse
+from fxsparse.cli import main, parse_target
+from fxsparse.hf_checkpoint import SPARSE_ATTENTION_KEY, recorded_sparsity
+from fxsparse.sites import sites_of
+from test_hf_checkpoint import save_tiny_llama, tiny_tokenizer
+
+ESSAY = ("Startups are a way to compress a whole working life into a few years. Instead of working at a low "
+         "intensity for forty years, you work as hard as you possibly can for four. ")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_llama(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def essays(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("essays")
+    for index in range(3):
+        (directory / f"essay{index}.txt").write_text(f"Essay {index}. " + ESSAY * 30)
+    return directory
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# -- the happy paths --
+
+
+def test_help_subprocess():
+    result = subprocess.run([sys.executable, "-m", "fxsparse", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--pyt_ckpt_path", "--sparse_attn", "--backend", "--seq_len", "--verify_output", "--export_dir",
+                 "--target_sparse_ratio", "--calib_samples", "--calib_max_seqlen", "--calib_data_dir",
+                 "--max_new_tokens", "--device", "--debug"):
+        assert flag in result.stdout
+
+
+def test_fixed_thresholds_verify_and_export(capsys, checkpoint, essays, tmp_path):
+    code, out, err = run_cli(
+        capsys, "--pyt_ckpt_path", checkpoint, "--sparse_attn", "skip_softmax", "--backend", "pytorch",
+        "--device", "cpu", "--verify_output", "--seq_len", 128, "--max_new_tokens", 2,
+        "--calib_data_dir", essays, "--export_dir", tmp_path / "out",
+    )
+    assert code == 0, err
+    assert "found 2 attention sites (2 enabled)" in out
+    assert "skip_softmax with fixed thresholds" in out
+    assert "locally built long document" in out and "NarrativeQA not used" in out
+    assert "input length: " in out and "dense  answer" in out and "sparse answer" in out
+    assert "measured sparsity: prefill" in out
+    assert "exported to" in out
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved[SPARSE_ATTENTION_KEY]["config_groups"]["group_0"]["targets"] == ["LlamaAttention"]
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    original = AutoModelForCausalLM.from_pretrained(checkpoint)
+    ids = torch.randint(0, 320, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, original(ids).logits, rtol=0, atol=0)
+    fxsparse.sparsify(reloaded)  # no config: the recorded sparsity
+    assert {n: s.thresholds() for n, s in sites_of(reloaded).items()} == {
+        n: pytest.approx({"prefill": 1e-3, "decode": 1e-4}) for n in sites_of(reloaded)
+    }
+
+
+def test_calibrate_export_then_reload_through_the_cli(capsys, checkpoint, essays, tmp_path):
+    code, out, err = run_cli(
+        capsys, "--pyt_ckpt_path", checkpoint, "--sparse_attn", "skip_softmax_calib", "--target_sparse_ratio", "0.6,0.4",
+        "--calib_samples", 2, "--calib_max_seqlen", 1024, "--calib_data_dir", essays, "--device", "cpu",
+        "--export_dir", tmp_path / "calibrated",
+    )
+    assert code == 0, err
+    assert "calibrating: 2 samples up to 1024 tokens" in out and "CPU defaults" in out
+    assert "calibration:" in out  # the CalibrationResult table
+    recorded = recorded_sparsity(json.loads((tmp_path / "calibrated" / "config.json").read_text()))
+    laws = recorded.laws()
+    assert laws and all(law.get("prefill", {"target": 0.6})["target"] == pytest.approx(0.6) for law in laws.values())
+
+    # No --sparse_attn: the CLI picks up the recorded laws; --target_sparse_ratio moves the target.
+    code, out, err = run_cli(capsys, "--pyt_ckpt_path", tmp_path / "calibrated", "--target_sparse_ratio", "0.3",
+                             "--export_dir", tmp_path / "again")
+    assert code == 0, err
+    assert "found in the checkpoint:" in out and "the sparsity recorded in the checkpoint" in out
+    again = recorded_sparsity(json.loads((tmp_path / "again" / "config.json").read_text()))
+    for name, law in again.laws().items():
+        for phase, values in law.items():
+            assert values["a"] == pytest.approx(laws[name][phase]["a"])
+            assert values["target"] == pytest.approx(0.3)
+
+
+# -- errors: one line on stderr, exit code 2, no traceback --
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fxsparse: error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--sparse_attn", "dense"], ["--sparse_attn", "invalid choice"]),
+    (["--backend", "cuda"], ["--backend"]),
+    (["--seq_len", "0"], ["--seq_len must be >= 64"]),
+    (["--seq_len", "many"], ["--seq_len", "invalid int"]),
+    (["--max_new_tokens", "0"], ["--max_new_tokens must be >= 1"]),
+    (["--target_sparse_ratio", "1.5", "--sparse_attn", "skip_softmax_calib"], ["[0, 0.99]"]),
+    (["--target_sparse_ratio", "x"], ["--target_sparse_ratio must be a number"]),
+    (["--sparse_attn", "skip_softmax_calib", "--calib_samples", "0"], ["--calib_samples must be >= 1"]),
+    (["--sparse_attn", "skip_softmax_calib", "--calib_max_seqlen", "512"], ["--calib_max_seqlen must be >= 1024"]),
+    (["--calib_samples", "4"], ["--calib_samples needs --sparse_attn skip_softmax_calib"]),
+    (["--device", "gpu0"], ["--device 'gpu0' is not a torch device"]),
+    (["--unknown_flag"], ["unrecognized arguments"]),
+])
+def test_bad_values(capsys, argv, fragments):
+    assert_one_line_error(*run_cli(capsys, *argv)[::2], *fragments)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_triton_and_cuda_without_gpu(capsys):
+    assert_one_line_error(*run_cli(capsys, "--backend", "triton")[::2], "--backend triton needs a CUDA GPU")
+    assert_one_line_error(*run_cli(capsys, "--device", "cuda")[::2], "no CUDA GPU is available")
+
+
+def test_missing_paths(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "--pyt_ckpt_path", tmp_path / "nope")[::2], "no such file or directory")
+    assert_one_line_error(*run_cli(capsys, "--pyt_ckpt_path", tmp_path / "m.gguf")[::2], "no such .gguf file")
+    assert_one_line_error(*run_cli(capsys, "--pyt_ckpt_path", tmp_path)[::2], "no config.json")
+    assert_one_line_error(*run_cli(capsys, "--calib_data_dir", tmp_path / "none")[::2], "no such directory")
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(*run_cli(capsys, "--export_dir", tmp_path / "file")[::2], "is a file")
+
+
+def test_target_needs_a_law(capsys, checkpoint):
+    code, _, err = run_cli(capsys, "--pyt_ckpt_path", checkpoint, "--target_sparse_ratio", "0.5")
+    assert_one_line_error(code, err, "--target_sparse_ratio needs --sparse_attn skip_softmax_calib")
+
+
+def test_hub_name_without_network(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without network looks like, without waiting
+    code, _, err = run_cli(capsys, "--pyt_ckpt_path", "fxsparse-test/no-such-model")
+    assert_one_line_error(code, err, "hub is unreachable")
+
+
+def test_model_without_attention(capsys, tmp_path):
+    config = MambaConfig(vocab_size=320, hidden_size=32, state_size=4, num_hidden_layers=1, expand=2)
+    MambaForCausalLM(config).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    assert_one_line_error(*run_cli(capsys, "--pyt_ckpt_path", tmp_path)[::2], "attention")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception):
+        main(["--pyt_ckpt_path", str(tmp_path / "nope"), "--debug"])
+
+
+def test_parse_target():
+    assert parse_target("0.5") == {"prefill": 0.5, "decode": 0.5}
+    assert parse_target("0.6, 0.4") == {"prefill": 0.6, "decode": 0.4}
+    assert parse_target(None) is None
