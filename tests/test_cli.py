@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM
@@ -36,6 +38,46 @@ def essays(tmp_path_factory):
     for index in range(3):
         (directory / f"essay{index}.txt").write_text(f"Essay {index}. " + ESSAY * 30)
     return directory
+
+
+def save_tiny_gguf(path) -> None:
+    """A 2-layer random Llama as a float32 GGUF, with the tiny BPE tokenizer and chat template inside."""
+    tokenizer = tiny_tokenizer()
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    tokens = [""] * len(tokenizer)
+    for token, index in {**state["model"]["vocab"], **{t["content"]: t["id"] for t in state["added_tokens"]}}.items():
+        tokens[index] = token
+    hidden, ffn, vocab = 64, 128, len(tokens)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(4096)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * vocab)
+    writer.add_token_merges([" ".join(m) for m in state["model"]["merges"]])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    writer.add_chat_template(tokenizer.chat_template)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd": (vocab, hidden), "output": (vocab, hidden), "output_norm": (hidden,)}
+    for i in range(2):
+        shapes.update({f"blk.{i}.attn_q": (hidden, hidden), f"blk.{i}.attn_k": (hidden // 2, hidden),
+                       f"blk.{i}.attn_v": (hidden // 2, hidden), f"blk.{i}.attn_output": (hidden, hidden),
+                       f"blk.{i}.ffn_gate": (ffn, hidden), f"blk.{i}.ffn_up": (ffn, hidden),
+                       f"blk.{i}.ffn_down": (hidden, ffn), f"blk.{i}.attn_norm": (hidden,), f"blk.{i}.ffn_norm": (hidden,)})
+    for name, shape in shapes.items():
+        values = np.ones(shape) if len(shape) == 1 else rng.normal(0, 0.02, shape)
+        writer.add_tensor(f"{name}.weight", values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -106,6 +148,13 @@ def test_calibrate_export_then_reload_through_the_cli(capsys, checkpoint, essays
         for phase, values in law.items():
             assert values["a"] == pytest.approx(laws[name][phase]["a"])
             assert values["target"] == pytest.approx(0.3)
+
+
+def test_gguf_file(capsys, tmp_path):
+    save_tiny_gguf(tmp_path / "tiny.gguf")
+    code, out, err = run_cli(capsys, "--pyt_ckpt_path", tmp_path / "tiny.gguf", "--device", "cpu")
+    assert code == 0, err
+    assert "LlamaForCausalLM" in out and "found 2 attention sites (2 enabled)" in out
 
 
 # -- errors: one line on stderr, exit code 2, no traceback --
