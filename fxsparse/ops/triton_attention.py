@@ -1,0 +1,282 @@
+"""Host side of the Triton backend: mask summaries, launch configs and dispatch to the kernels.
+
+``skip_softmax_attention`` has the contract of ``reference_attention`` (SPEC §4); the op in ``op.py``
+calls it for CUDA tensors. Lq == 1 goes to the split-K decode kernels (``triton_decode.py``), every
+other length to the prefill kernel (``triton_prefill.py``), which also serves small Lq (a query tile
+shorter than br holds all Lq rows, so its vote is still exactly the (br, bc) tile's).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import triton
+
+from .threshold import phase_of
+from .triton_decode import decode_attend_kernel, decode_combine_kernel, decode_scores_kernel
+from .triton_prefill import LOG2E, prefill_kernel
+
+MIN_BLOCK = 16  # tl.dot needs at least 16 rows / columns / reduction depth
+NUM_SMS_FALLBACK = 132
+
+
+# -- launch configs: (num_warps, num_stages) by padded head dim and tile shape; tuned on H100/H200 --
+def prefill_config(d_pad: int, block_m: int, block_n: int) -> tuple[int, int]:
+    if d_pad <= 64:
+        return (4, 3) if block_m * block_n <= 128 * 64 else (8, 3)
+    if d_pad <= 128:
+        return (4, 3) if block_m * block_n <= 64 * 64 else (8, 3)
+    return (8, 1) if block_m * block_n >= 128 * 128 else (8, 2)
+
+
+PREFILL_OVERRIDES: dict = {}  # bench/ sweeps: {"num_warps": .., "num_stages": .., "skip_v_load": ..}
+
+
+def _pow2(n: int, floor: int = MIN_BLOCK) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# -- explicit masks: one pass per mask tensor, cached, so every layer reuses the tile summary --
+_SUMMARY_CACHE: dict = {}
+
+
+def _mask_operand(attn_mask: torch.Tensor, num_heads: int, query_len: int, kv_len: int):
+    """(tensor the kernel reads, MASK_KIND 1 bool / 2 additive, masked-below value, 4-D strides)."""
+    mask = attn_mask
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), 1, 0.0, mask
+    return mask, 2, float(torch.finfo(mask.dtype).min), mask
+
+
+def _block_kinds(mask4: torch.Tensor, br: int, bc: int, query_len: int, kv_len: int, rows_chunk: int = 2048):
+    """int8 (B|1, H|1, nI|1, nJ): 0 = nothing attends, 1 = partial (read the mask), 2 = all attend, bias 0.
+
+    Rows past Lq and columns past Lk are neutral. Works in row chunks so an L×L mask never has a
+    second L×L copy.
+    """
+    mb, mh, mq, _ = mask4.shape
+    num_i = 1 if mq == 1 else -(-query_len // br)
+    num_j = -(-kv_len // bc)
+    kinds = torch.empty(mb, mh, num_i, num_j, dtype=torch.int8, device=mask4.device)
+    rows_per_chunk = max(br, rows_chunk // br * br)
+    for r0 in range(0, mq, rows_per_chunk):
+        part = mask4[:, :, r0 : r0 + rows_per_chunk]
+        if part.dtype == torch.bool:
+            attend, plain = part, part
+        else:
+            attend = part > torch.finfo(part.dtype).min
+            plain = attend & (part == 0)
+        rows = part.shape[2]
+        tile_rows = br if mq != 1 else 1
+        pad_r = -rows % tile_rows
+        pad_c = num_j * bc - kv_len
+        any_ = torch.nn.functional.pad(attend, (0, pad_c, 0, pad_r), value=False)
+        all_ = torch.nn.functional.pad(plain, (0, pad_c, 0, pad_r), value=True)
+        shape = (mb, mh, (rows + pad_r) // tile_rows, tile_rows, num_j, bc)
+        any_ = any_.reshape(shape).any(5).any(3)
+        all_ = all_.reshape(shape).all(5).all(3)
+        i0 = r0 // tile_rows
+        kinds[:, :, i0 : i0 + any_.shape[2]] = torch.where(any_, torch.where(all_, 2, 1), 0).to(torch.int8)
+    return kinds
+
+
+def mask_summary(attn_mask: torch.Tensor, br: int, bc: int, query_len: int, kv_len: int) -> torch.Tensor:
+    """Cached ``_block_kinds``: keyed on the mask object, its version counter and the tile shape."""
+    key = (id(attn_mask), br, bc, query_len, kv_len)
+    hit = _SUMMARY_CACHE.get(key)
+    if hit is not None and hit[0]() is attn_mask and hit[1] == attn_mask._version:
+        return hit[2]
+    mask4 = attn_mask
+    while mask4.dim() < 4:
+        mask4 = mask4.unsqueeze(0)
+    kinds = _block_kinds(mask4, br, bc, query_len, kv_len)
+    for stale in [k for k, v in _SUMMARY_CACHE.items() if v[0]() is None]:
+        del _SUMMARY_CACHE[stale]
+    _SUMMARY_CACHE[key] = (weakref.ref(attn_mask), attn_mask._version, kinds)
+    return kinds
+
+
+def _stride(t: torch.Tensor, dim: int) -> int:
+    return 0 if t.shape[dim] == 1 else t.stride(dim)
+
+
+def _counting(stats, trial_thresholds, device):
+    """(COUNT_MODE, trial log2 λ tensor, number of trials, stats columns)."""
+    if stats is None:
+        return 0, None, 1, 0
+    if trial_thresholds is not None and trial_thresholds.numel() > 0:
+        trials2 = torch.log2(trial_thresholds.detach().float().to(device)).contiguous()
+        return 2, trials2, trials2.numel(), stats.shape[1]
+    return 1, None, 1, stats.shape[1]
+
+
+def skip_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    threshold_state: torch.Tensor,
+    br: int,
+    bc: int,
+    stats: torch.Tensor | None = None,
+    trial_thresholds: torch.Tensor | None = None,
+    decisions_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Skip-softmax attention on the Triton kernels; same contract as ``reference_attention``.
+
+    Args:
+        q, k, v: (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv); last dim contiguous (copied if not).
+        decisions_out: optional int8 (B, Hq, nI, nJ) zeros; the kernels write 1 for every kept
+            valid tile (tests compare it with the reference's tile gaps). nI = 1 for decode.
+    Returns:
+        (B, Hq, Lq, Dv) in q's dtype.
+    """
+    _validate_supported(q, k, v, br, bc)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if stats is not None and not stats.is_contiguous():
+        raise ValueError("stats must be contiguous")
+    batch, num_heads, query_len, head_dim = q.shape
+    num_kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
+    out = torch.empty(batch, num_heads, query_len, value_dim, dtype=q.dtype, device=q.device)
+    if batch * num_heads * query_len == 0:
+        return out
+    state = threshold_state.detach().float().contiguous()
+    count_mode, trials2, num_trials, stats_cols = _counting(stats, trial_thresholds, q.device)
+    common = dict(
+        state=state, trials2=trials2, count_mode=count_mode, num_trials=num_trials, stats_cols=stats_cols,
+        stats=stats, decisions_out=decisions_out,
+    )
+    if query_len == 1:
+        _launch_decode(q, k, v, out, attn_mask, scale, bc, **common)
+    else:
+        _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, **common)
+    return out
+
+
+def _validate_supported(q, k, v, br, bc) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton backend supports float16, bfloat16 and float32, got {q.dtype}")
+    for name, size in (("br", br), ("bc", bc)):
+        if not MIN_BLOCK <= size <= 256:
+            raise ValueError(f"the Triton backend needs {MIN_BLOCK} <= {name} <= 256, got {name}={size}")
+    if max(q.shape[-1], v.shape[-1]) > 256:
+        raise ValueError(f"the Triton backend supports head dims up to 256, got D={q.shape[-1]}, Dv={v.shape[-1]}")
+
+
+def _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, *, state, trials2, count_mode, num_trials,
+                    stats_cols, stats, decisions_out):
+    batch, num_heads, query_len, head_dim = q.shape
+    num_kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
+    block_m = br if query_len > br else _pow2(query_len)  # a short query tile still holds every row of tile 0
+    block_n = bc
+    d_pad, dv_pad = _pow2(head_dim), _pow2(value_dim)
+    num_warps, num_stages = prefill_config(max(d_pad, dv_pad), block_m, block_n)
+    num_warps = PREFILL_OVERRIDES.get("num_warps", num_warps)
+    num_stages = PREFILL_OVERRIDES.get("num_stages", num_stages)
+    skip_v_load = PREFILL_OVERRIDES.get("skip_v_load", True)
+
+    dummy = q.new_empty(1)
+    if attn_mask is not None:
+        mask_t, mask_kind, mask_min, mask4 = _mask_operand(attn_mask, num_heads, query_len, kv_len)
+        kinds = mask_summary(attn_mask, br if query_len > br else block_m, bc, query_len, kv_len)
+        m_strides = [_stride(mask4, d) for d in range(4)]
+        c_strides = [_stride(kinds, d) for d in range(3)]
+    else:
+        mask_t, mask_kind, mask_min, kinds = dummy, 0, 0.0, dummy
+        m_strides, c_strides = [0, 0, 0, 0], [0, 0, 0]
+    dec = decisions_out if decisions_out is not None else dummy
+    d_strides = [dec.stride(d) for d in range(3)] if decisions_out is not None else [0, 0, 0]
+    grid = (triton.cdiv(query_len, block_m), batch * num_heads)
+    prefill_kernel[grid](
+        q, k, v, out, mask_t, kinds, state, trials2 if trials2 is not None else state,
+        stats if stats is not None else dummy, dec,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *m_strides, *c_strides, *d_strides,
+        num_heads, num_heads // num_kv_heads, query_len, kv_len, float(scale), mask_min,
+        phase_of(query_len), num_trials, stats_cols,
+        HEAD_DIM=head_dim, VALUE_DIM=value_dim, D_PAD=d_pad, DV_PAD=dv_pad,
+        BLOCK_M=block_m, BLOCK_N=block_n, T_PAD=_pow2(num_trials, 2),
+        IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, COUNT_MODE=count_mode,
+        SKIP_V_LOAD=skip_v_load, DEBUG=decisions_out is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NUM_SMS_FALLBACK
+
+
+def decode_splits(num_programs: int, num_tiles: int, device) -> int:
+    """Enough splits of the KV range for about two waves of programs."""
+    return max(1, min(num_tiles, triton.cdiv(2 * _num_sms(device), num_programs)))
+
+
+def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_mode, num_trials, stats_cols,
+                   stats, decisions_out):
+    batch, num_heads, _, head_dim = q.shape
+    num_kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
+    group = num_heads // num_kv_heads
+    block_g, block_n = _pow2(group), bc
+    d_pad, dv_pad = _pow2(head_dim), _pow2(value_dim)
+    num_tiles = triton.cdiv(kv_len, block_n)
+    splits = decode_splits(batch * num_kv_heads, num_tiles, q.device)
+    tiles_per_split = triton.cdiv(num_tiles, splits)
+    splits = triton.cdiv(num_tiles, tiles_per_split)
+    num_warps = 4 if max(d_pad, dv_pad) <= 128 else 8
+
+    dummy = q.new_empty(1)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    scores = torch.empty(batch, num_heads, kv_len, **f32)
+    tile_max = torch.empty(batch, num_heads, num_tiles, **f32)
+    part_acc = torch.empty(batch, num_heads, splits, dv_pad, **f32)
+    part_l = torch.empty(batch, num_heads, splits, **f32)
+    part_m = torch.empty(batch, num_heads, splits, **f32)
+    if attn_mask is not None:
+        mask_t, mask_kind, mask_min, mask4 = _mask_operand(attn_mask, num_heads, 1, kv_len)
+        m_strides = [_stride(mask4, 0), _stride(mask4, 1), _stride(mask4, 3)]
+    else:
+        mask_t, mask_kind, mask_min, m_strides = dummy, 0, 0.0, [0, 0, 0]
+    precision = _dot_precision(q.dtype)
+    grid = (splits, batch * num_kv_heads)
+    decode_scores_kernel[grid](
+        q, k, mask_t, scores, tile_max,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *m_strides,
+        scores.stride(0), scores.stride(1), tile_max.stride(0), tile_max.stride(1),
+        num_kv_heads, group, kv_len, tiles_per_split, num_tiles, float(scale), mask_min,
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n,
+        MASK_KIND=mask_kind, DOT_PRECISION=precision, num_warps=num_warps, num_stages=3,
+    )
+    dec = decisions_out if decisions_out is not None else dummy
+    decode_attend_kernel[grid](
+        v, scores, tile_max, state, trials2 if trials2 is not None else state,
+        stats if stats is not None else dummy, dec, part_acc, part_l, part_m,
+        v.stride(0), v.stride(1), v.stride(2), scores.stride(0), scores.stride(1),
+        tile_max.stride(0), tile_max.stride(1),
+        dec.stride(0) if decisions_out is not None else 0, dec.stride(1) if decisions_out is not None else 0,
+        part_l.stride(0), part_l.stride(1), part_l.stride(2),
+        num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase_of(1), num_trials, stats_cols,
+        VALUE_DIM=value_dim, DV_PAD=dv_pad, BLOCK_G=block_g, BLOCK_N=block_n, PREFIX_CHUNK=256,
+        T_PAD=_pow2(num_trials, 2), COUNT_MODE=count_mode, DEBUG=decisions_out is not None,
+        DOT_PRECISION=precision, num_warps=num_warps, num_stages=3,
+    )
+    decode_combine_kernel[(batch * num_heads,)](
+        part_acc, part_l, part_m, out,
+        part_l.stride(0), part_l.stride(1), part_l.stride(2), out.stride(0), out.stride(1),
+        num_heads, splits,
+        VALUE_DIM=value_dim, DV_PAD=dv_pad, S_PAD=_pow2(splits, 2), num_warps=4,
+    )

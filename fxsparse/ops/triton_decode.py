@@ -1,0 +1,183 @@
+"""Triton decode kernels (Lq == 1): split-K over the KV length, exact skip decisions, a combine step.
+
+For Lq = 1 every (batch, query head) is its own query tile of one row, so each head votes for itself.
+The G = Hq/Hkv query heads of one KV head are packed as the rows of one program (one K/V read serves
+them all); a row's skipped tile is masked out of that row only, and V is read only when some row keeps.
+
+The vote needs m = max over *all* earlier key tiles, which a split of the KV range does not see, so
+decode runs in three launches (scores are Lq·Lk = Lk floats per head, small beside K and V)::
+
+    1. scores:  per split, s = q·kᵀ (exp2 space) → scratch, and the row max m̃ of every key tile
+    2. attend:  per split, m = max of m̃ over earlier tiles (a short prefix scan), vote per row,
+                kept tiles only: p = exp2(s − m), V load, P·V; partial (acc, l, m) per split
+    3. combine: rescale the partials to one max and normalise (empty rows → 0)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_prefill import log2_threshold
+
+
+@triton.jit
+def decode_scores_kernel(
+    q_ptr, k_ptr, mask_ptr, scores_ptr, tile_max_ptr,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_mb, stride_mh, stride_mn,
+    stride_sb, stride_sh, stride_tb, stride_th,
+    num_kv_heads, group, kv_len, tiles_per_split, num_tiles, scale, mask_min,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (splits, B·Hkv): scores and per-tile row maxima of the packed query heads."""
+    split = tl.program_id(0)
+    b = tl.program_id(1) // num_kv_heads
+    h_kv = tl.program_id(1) % num_kv_heads
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D_PAD)
+    g_ok = offs_g < group
+    heads = h_kv * group + offs_g
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=g_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
+    )
+    qk_scale = scale * 1.4426950408889634  # 1/ln 2
+    k_base = k_ptr + b * stride_kb + h_kv * stride_kh
+    row_scores = scores_ptr + b * stride_sb + heads[:, None] * stride_sh
+    row_tile_max = tile_max_ptr + b * stride_tb + heads * stride_th
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    for tile in range(tile_lo, tile_hi):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_len
+        attend = g_ok[:, None] & n_ok[None, :]
+        # -- explicit mask row (per-sequence KV lengths arrive this way) --
+        if MASK_KIND != 0:
+            mask_ptrs = mask_ptr + b * stride_mb + heads[:, None] * stride_mh + offs_n[None, :] * stride_mn
+            if MASK_KIND == 1:
+                attend = attend & (tl.load(mask_ptrs, mask=attend, other=0) != 0)
+                bias = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+            else:
+                bias = tl.load(mask_ptrs, mask=attend, other=float("-inf")).to(tl.float32)
+                attend = attend & (bias > mask_min)
+        m_tile = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        if tl.max(attend.to(tl.int32)) > 0:  # a fully masked tile reads no K
+            # -- compute qk --
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if MASK_KIND == 2:
+                qk = qk + bias * 1.4426950408889634
+            qk = tl.where(attend, qk, float("-inf"))
+            tl.store(row_scores + offs_n[None, :], qk, mask=g_ok[:, None] & n_ok[None, :])
+            m_tile = tl.max(qk, 1)
+        tl.store(row_tile_max + tile, m_tile, mask=g_ok)
+
+
+@triton.jit
+def decode_attend_kernel(
+    v_ptr, scores_ptr, tile_max_ptr, state_ptr, trials_ptr, stats_ptr, dec_ptr,
+    part_acc_ptr, part_l_ptr, part_m_ptr,
+    stride_vb, stride_vh, stride_vn, stride_sb, stride_sh, stride_tb, stride_th,
+    stride_db, stride_dh, stride_pb, stride_ph, stride_ps,
+    num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase, num_trials, stats_cols,
+    VALUE_DIM: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFIX_CHUNK: tl.constexpr, T_PAD: tl.constexpr, COUNT_MODE: tl.constexpr, DEBUG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Grid (splits, B·Hkv): per-row votes and the partial softmax of kept tiles."""
+    split = tl.program_id(0)
+    b = tl.program_id(1) // num_kv_heads
+    h_kv = tl.program_id(1) % num_kv_heads
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_dv = tl.arange(0, DV_PAD)
+    g_ok = offs_g < group
+    heads = h_kv * group + offs_g
+    row_scores = scores_ptr + b * stride_sb + heads[:, None] * stride_sh
+    row_tile_max = tile_max_ptr + b * stride_tb + heads * stride_th
+    v_base = v_ptr + b * stride_vb + h_kv * stride_vh
+
+    log_lam2 = log2_threshold(state_ptr, phase, kv_len)
+    offs_t = tl.arange(0, T_PAD)
+    if COUNT_MODE == 2:
+        trials2 = tl.load(trials_ptr + offs_t, mask=offs_t < num_trials, other=float("-inf"))
+        log_lam2 = float("-inf")
+    else:
+        trials2 = tl.where(offs_t == 0, log_lam2, float("-inf"))
+
+    # -- m over the tiles of earlier splits: a short scan of their row maxima --
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for chunk in range(0, tile_lo, PREFIX_CHUNK):
+        offs_c = chunk + tl.arange(0, PREFIX_CHUNK)
+        prev = tl.load(row_tile_max[:, None] + offs_c[None, :], mask=g_ok[:, None] & (offs_c[None, :] < tile_lo), other=float("-inf"))
+        m_i = tl.maximum(m_i, tl.max(prev, 1))
+
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, DV_PAD], tl.float32)
+    n_valid = tl.zeros([], tl.int32)
+    counts = tl.zeros([T_PAD], tl.int32)
+    for tile in range(tile_lo, tile_hi):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_len
+        # -- vote: each row (query head) is its own query tile --
+        m_tile = tl.load(row_tile_max + tile, mask=g_ok, other=float("-inf"))
+        gap = tl.where(m_tile == float("-inf"), float("-inf"), tl.where(m_i == float("-inf"), float("inf"), m_tile - m_i))
+        valid = g_ok & (gap > float("-inf"))
+        keep = valid & (gap >= log_lam2)
+        if COUNT_MODE != 0:
+            n_valid += tl.sum(valid.to(tl.int32))
+            counts += tl.sum((valid[:, None] & (gap[:, None] < trials2[None, :])).to(tl.int32), 0)
+        if DEBUG:
+            tl.store(dec_ptr + b * stride_db + heads * stride_dh + tile, keep.to(tl.int8), mask=g_ok)
+
+        # -- online softmax over the kept tiles of each row --
+        m_new = tl.maximum(m_i, m_tile)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        if tl.max(keep.to(tl.int32)) > 0:  # V is read only when some row keeps the tile
+            s = tl.load(row_scores + offs_n[None, :], mask=keep[:, None] & n_ok[None, :], other=float("-inf"))
+            p = tl.math.exp2(s - m_safe[:, None])
+            l_i += tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # -- partial result of this split, relative to its own reference max --
+    part = b * stride_pb + heads * stride_ph + split * stride_ps
+    tl.store(part_acc_ptr + part[:, None] * DV_PAD + offs_dv[None, :], acc, mask=g_ok[:, None])
+    tl.store(part_l_ptr + part, l_i, mask=g_ok)
+    tl.store(part_m_ptr + part, m_i, mask=g_ok)  # −inf: this split attends nothing
+    if COUNT_MODE != 0:
+        stats_row = stats_ptr + phase * stats_cols
+        tl.atomic_add(stats_row, n_valid.to(tl.int64))
+        tl.atomic_add(stats_row + 1 + offs_t, counts.to(tl.int64), mask=offs_t < num_trials)
+
+
+@triton.jit
+def decode_combine_kernel(
+    part_acc_ptr, part_l_ptr, part_m_ptr, out_ptr,
+    stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
+    num_heads, num_splits,
+    VALUE_DIM: tl.constexpr, DV_PAD: tl.constexpr, S_PAD: tl.constexpr,
+):
+    """Grid (B·Hq,): out = Σ_s 2^(m_s − M)·acc_s / Σ_s 2^(m_s − M)·l_s, 0 for rows that attend nothing."""
+    b = tl.program_id(0) // num_heads
+    h = tl.program_id(0) % num_heads
+    offs_s = tl.arange(0, S_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    s_ok = offs_s < num_splits
+    part = b * stride_pb + h * stride_ph + offs_s * stride_ps
+    m = tl.load(part_m_ptr + part, mask=s_ok, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=s_ok, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * DV_PAD + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_max))
+    den = tl.sum(w * l, 0)
+    num = tl.sum(w[:, None] * acc, 0)
+    out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_dv, out.to(out_ptr.dtype.element_ty), mask=offs_dv < VALUE_DIM)

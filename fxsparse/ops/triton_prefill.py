@@ -1,0 +1,215 @@
+"""Triton prefill kernel of skip-softmax attention: flash-attention forward with a per-tile skip vote.
+
+One program owns query tile i = rows ``[i·BLOCK_M, (i+1)·BLOCK_M)`` of one (batch, query head) and walks
+the key tiles left to right (BLOCK_M = br, BLOCK_N = bc, so every decision is exactly one (br, bc) tile of
+SPEC §4). Scores live in exp2 space (``qk · scale · log2 e``), so the vote compares tile gaps with log2 λ::
+
+          key tiles →        full tiles: no causal mask       diagonal tiles: causal + length mask
+        ┌────┬────┬────┬────┬────┐
+   i    │full│full│full│diag│ ·  │   · = never visited (causally empty: not valid, skipped, no work)
+        └────┴────┴────┴────┴────┘
+              per visited tile:  qk → row max m̃ → gap = m̃ − m → vote over existing rows
+                                 skip: m ← max(m, m̃), acc and l rescaled; no exp, no P·V (no V load
+                                 when SKIP_V_LOAD)        keep: the usual online-softmax step
+
+The same kernel counts (COUNT_MODE 1: the state's λ; 2: a vector of trial λ with a dense output, the
+calibration's measuring mode). λ is read from the (2, 5) threshold state in the kernel, never a constexpr.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1/ln 2
+
+
+@triton.jit
+def log2_threshold(state_ptr, phase, kv_len):
+    """log2 λ of one phase from the (2, 5) state: ENABLED·(a > 0 ? a·exp(b·S)/Lk : THRESHOLD); −inf = never skip."""
+    row = state_ptr + phase * 5
+    enabled = tl.load(row + 0).to(tl.float32)
+    fixed = tl.load(row + 1).to(tl.float32)
+    a = tl.load(row + 2).to(tl.float32)
+    b = tl.load(row + 3).to(tl.float32)
+    target = tl.load(row + 4).to(tl.float32)
+    law = a * tl.exp(b * target) / (kv_len * 1.0)
+    lam = tl.where(a > 0, law, fixed) * enabled
+    return tl.log2(lam)
+
+
+@triton.jit
+def tile_vote(m_tile, m_i, row_ok):
+    """max over existing rows of m̃ − m (m̃ = −inf → −inf; m = −inf with finite m̃ → +inf)."""
+    gap = tl.where(m_tile == float("-inf"), float("-inf"), tl.where(m_i == float("-inf"), float("inf"), m_tile - m_i))
+    gap = tl.where(row_ok, gap, float("-inf"))  # rows past Lq never block a skip
+    return tl.max(gap, 0)
+
+
+@triton.jit
+def _attend_tiles(
+    acc, l_i, m_i, n_valid, counts,
+    q, k_base, v_base, mask_base, kinds_base, dec_base,
+    offs_m, offs_d, offs_dv, row_ok, lo, hi,
+    kv_len, causal_off, qk_scale, log_lam2, trials2,
+    stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIAGONAL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, COUNT_MODE: tl.constexpr, VOTE_ALWAYS: tl.constexpr,
+    SKIP_V_LOAD: tl.constexpr, DEBUG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Key tiles [lo, hi): the inner loop. DIAGONAL tiles apply the Lk-boundary (and causal) masks."""
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < VALUE_DIM
+    do_vote = log_lam2 > float("-inf")
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_len
+        # -- explicit mask: its per-tile summary says empty (0), partial (1) or all-attend (2) --
+        kind = 2
+        if MASK_KIND != 0:
+            kind = tl.load(kinds_base + start_n // BLOCK_N)
+        if kind != 0:
+            # -- compute qk (exp2 space) --
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if not SKIP_V_LOAD:
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if DIAGONAL:
+                allowed = n_ok[None, :]
+                if IS_CAUSAL:
+                    allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+                qk = tl.where(allowed, qk, float("-inf"))
+            if MASK_KIND != 0:
+                partial = (offs_m[:, None] * 0 + offs_n[None, :] * 0 + kind) == 1  # broadcast first (interpreter)
+                mask_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+                in_bounds = row_ok[:, None] & n_ok[None, :]
+                if MASK_KIND == 1:  # bool, stored as uint8: nonzero = attend
+                    attend = tl.load(mask_ptrs, mask=in_bounds & partial, other=1) != 0
+                    qk = tl.where(attend, qk, float("-inf"))
+                else:  # additive: <= the dtype's finfo.min means masked, other values add to the score
+                    bias = tl.load(mask_ptrs, mask=in_bounds & partial, other=0.0).to(tl.float32)
+                    qk = tl.where(bias > mask_min, qk + bias * 1.4426950408889634, float("-inf"))
+
+            # -- vote: every existing row's gap below log2 λ skips the tile --
+            m_tile = tl.max(qk, 1)
+            if VOTE_ALWAYS:
+                tile_gap = tile_vote(m_tile, m_i, row_ok)
+                valid = tile_gap > float("-inf")
+                keep = valid & (tile_gap >= log_lam2)
+                n_valid += valid.to(tl.int32)
+                counts += (tile_gap < trials2).to(tl.int32) * valid.to(tl.int32)
+            else:
+                keep = tl.full([], 1, tl.int1)
+                if do_vote:
+                    tile_gap = tile_vote(m_tile, m_i, row_ok)
+                    keep = (tile_gap > float("-inf")) & (tile_gap >= log_lam2)
+            if DEBUG:
+                tl.store(dec_base + start_n // BLOCK_N, keep.to(tl.int8))
+
+            # -- online softmax; the running max moves on skipped tiles too (exact rescale) --
+            m_new = tl.maximum(m_i, m_tile)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            if keep:
+                p = tl.math.exp2(qk - m_safe[:, None])
+                l_i += tl.sum(p, 1)
+                if SKIP_V_LOAD:
+                    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+    return acc, l_i, m_i, n_valid, counts
+
+
+@triton.jit
+def prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr, kinds_ptr, state_ptr, trials_ptr, stats_ptr, dec_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_cb, stride_ch, stride_ci,
+    stride_db, stride_dh, stride_di,
+    num_heads, group, q_len, kv_len, scale, mask_min, phase, num_trials, stats_cols,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, COUNT_MODE: tl.constexpr,
+    SKIP_V_LOAD: tl.constexpr, DEBUG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (cdiv(Lq, BLOCK_M), B·Hq): the heaviest (last) causal query tiles start first."""
+    tile_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    h_kv = h // group  # GQA: never a repeat of K/V
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    row_ok = offs_m < q_len
+
+    # -- this call's λ (log2) and the thresholds the counters compare against --
+    log_lam2 = log2_threshold(state_ptr, phase, kv_len)
+    offs_t = tl.arange(0, T_PAD)
+    if COUNT_MODE == 2:  # measuring: dense output, count every trial λ
+        trials2 = tl.load(trials_ptr + offs_t, mask=offs_t < num_trials, other=float("-inf"))
+        log_lam2 = float("-inf")
+    else:
+        trials2 = tl.where(offs_t == 0, log_lam2, float("-inf"))
+
+    # -- load the query tile; fold scale and 1/ln 2 into one multiplier --
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
+    )
+    qk_scale = scale * 1.4426950408889634
+    k_base = k_ptr + b * stride_kb + h_kv * stride_kh
+    v_base = v_ptr + b * stride_vb + h_kv * stride_vh
+    mask_base = mask_ptr + b * stride_mb + h * stride_mh
+    kinds_base = kinds_ptr + b * stride_cb + h * stride_ch + tile_m * stride_ci
+    dec_base = dec_ptr + b * stride_db + h * stride_dh + tile_m * stride_di
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    n_valid = tl.zeros([], tl.int32)
+    counts = tl.zeros([T_PAD], tl.int32)
+
+    # -- split the key range: full tiles need no causal/length mask, diagonal tiles do --
+    causal_off = kv_len - q_len  # bottom-right aligned: key c visible to row r iff c <= r + causal_off
+    if IS_CAUSAL:
+        first_row = tile_m * BLOCK_M
+        last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
+        full_hi = tl.maximum(first_row + causal_off + 1, 0) // BLOCK_N * BLOCK_N
+        full_hi = tl.minimum(full_hi, kv_len // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(tl.cdiv(tl.maximum(last_row + causal_off + 1, 0), BLOCK_N), tl.cdiv(kv_len, BLOCK_N)) * BLOCK_N
+        hi = tl.maximum(hi, full_hi)
+    else:
+        full_hi = kv_len // BLOCK_N * BLOCK_N
+        hi = tl.cdiv(kv_len, BLOCK_N) * BLOCK_N
+    acc, l_i, m_i, n_valid, counts = _attend_tiles(
+        acc, l_i, m_i, n_valid, counts, q, k_base, v_base, mask_base, kinds_base, dec_base,
+        offs_m, offs_d, offs_dv, row_ok, 0, full_hi, kv_len, causal_off, qk_scale, log_lam2, trials2,
+        stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
+        HEAD_DIM, VALUE_DIM, BLOCK_N, False, IS_CAUSAL, MASK_KIND, COUNT_MODE, COUNT_MODE != 0, SKIP_V_LOAD, DEBUG, DOT_PRECISION,
+    )
+    acc, l_i, m_i, n_valid, counts = _attend_tiles(
+        acc, l_i, m_i, n_valid, counts, q, k_base, v_base, mask_base, kinds_base, dec_base,
+        offs_m, offs_d, offs_dv, row_ok, full_hi, hi, kv_len, causal_off, qk_scale, log_lam2, trials2,
+        stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
+        HEAD_DIM, VALUE_DIM, BLOCK_N, True, IS_CAUSAL, MASK_KIND, COUNT_MODE, COUNT_MODE != 0, SKIP_V_LOAD, DEBUG, DOT_PRECISION,
+    )
+
+    # -- epilogue: rows with nothing unmasked output 0 --
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = tl.where((l_i > 0)[:, None], out, 0.0)
+    tl.store(
+        out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_dv[None, :] < VALUE_DIM),
+    )
+    if COUNT_MODE != 0:
+        stats_row = stats_ptr + phase * stats_cols
+        tl.atomic_add(stats_row, n_valid.to(tl.int64))
+        tl.atomic_add(stats_row + 1 + offs_t, counts.to(tl.int64), mask=offs_t < num_trials)
