@@ -201,7 +201,7 @@ def _config(args: argparse.Namespace, recorded) -> tuple[dict[str, Any], dict[st
     mode = args.sparse_attn or ("recorded" if recorded is not None else "skip_softmax")
     if mode == "recorded":
         config = copy.deepcopy(recorded.config)
-        what = f"the sparsity recorded in the checkpoint: {recorded.describe()}"
+        what = "the sparsity recorded in the checkpoint"
     else:
         config = copy.deepcopy(SKIP_SOFTMAX_CALIB if mode == "skip_softmax_calib" else SKIP_SOFTMAX_DEFAULT)
         what = ("skip_softmax with fixed thresholds (prefill λ=1e-3, decode λ=1e-4)" if mode == "skip_softmax"
@@ -260,7 +260,10 @@ def run(args: argparse.Namespace) -> int:
         note = "" if args.device.type == "cuda" else " (CPU defaults: fewer and shorter samples so it takes minutes)"
         print(f"calibrating: {calibration['samples']} samples up to {calibration['max_seqlen']} tokens + "
               f"{calibration['heldout_samples']} held out, target {calibration['target_sparse_ratio']}{note}", file=out)
-        result = fxsparse.calibrate(model, {"sparse_cfg": {"calibration": calibration}}, tokenizer=tokenizer)
+        try:
+            result = fxsparse.calibrate(model, {"sparse_cfg": {"calibration": calibration}}, tokenizer=tokenizer)
+        except RuntimeError as error:  # e.g. no phase could be fitted: a result, not a crash
+            raise CLIError(f"calibration failed: {error}") from error
         print(result.format(), file=out)
     elif args.target is not None:
         fxsparse.set_target_sparsity(model, args.target)
@@ -270,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
         from .verify import build_prompt, verify
 
         prompt = build_prompt(tokenizer, args.seq_len, args.calib_data_dir)
-        print(f"verify: {prompt.source}", file=out)
+        print(f"verify: answering a {prompt.length}-token question prompt dense, then sparse", file=out)
         result = verify(model, tokenizer, prompt, args.max_new_tokens, progress=True)
         print(result.format(), file=out)
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 from torch import nn
 
 from .config import PHASES, SKIP_SOFTMAX_DEFAULT, SiteConfig
@@ -90,25 +91,33 @@ def export_hf(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
 
 def site_record(site: SparseSite) -> dict[str, Any]:
     """Everything needed to rebuild one site: its settings, fixed λ, law and enable flag."""
+    law = site.law()
     record = site.config.to_dict()
     record["enable"] = site.enabled
-    record["threshold"] = site.thresholds()
-    record["law"] = site.law()
+    record["threshold"] = {phase: _short(value) for phase, value in site.thresholds().items()}
+    record["law"] = None if law is None else {p: {k: _short(v) for k, v in params.items()} for p, params in law.items()}
     return record
+
+
+def _short(value: float) -> float:
+    """The shortest decimal that reads back as the same float32 (the buffers' dtype): 0.3, not 0.30000001."""
+    return float(str(np.float32(value)))
 
 
 def sparse_attention_config(
     model: nn.Module, sites: Mapping[str, SparseSite], records: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
     """The Model Optimizer-shaped ``sparse_attention_config`` (one group) for ``model``'s sites."""
-    targets = sorted({_attention_class(model, name) for name in sites} - {None}) or sorted(
+    modules = {name: _module_of(model, name) for name in sites}
+    targets = sorted({type(m).__name__ for _, m in modules.values() if m is not None}) or sorted(
         {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")}
     )
     enabled = [name for name, record in records.items() if record["enable"]]
-    ignore = [name for name in sites if name not in enabled]
+    sparse_modules = {id(modules[name][1]) for name in enabled if modules[name][1] is not None}
+    ignore = [modules[name][0] for name in sites if name not in enabled]
     ignore += [
-        name for name, module in model.named_modules()
-        if type(module).__name__ in targets and name not in sites and name not in ignore
+        path for path, module in model.named_modules()
+        if type(module).__name__ in targets and id(module) not in sparse_modules and path not in ignore
     ]
     scale_factor: dict[str, Any] = {"formula": FORMULA}
     target_sparsity = {}
@@ -134,11 +143,17 @@ def _group_law(laws: list[Mapping[str, float]]) -> dict[str, float]:
     return {key: float(ranked[(len(ranked) - 1) // 2][key]) for key in ("a", "b", "target")}
 
 
-def _attention_class(model: nn.Module, site_name: str) -> str | None:
-    try:
-        return type(model.get_submodule(site_name)).__name__
-    except AttributeError:
-        return None
+def _module_of(model: nn.Module, site_name: str) -> tuple[str, nn.Module | None]:
+    """The module a site sits on: its path in ``model`` and the module (None if not found).
+
+    Site names are module paths relative to whatever was captured (``model.layers.0.self_attn`` for
+    the whole causal LM, ``layers.0.self_attn`` for its inner model), so a suffix match on whole
+    path components is accepted.
+    """
+    for path, module in model.named_modules():
+        if path == site_name or path.endswith("." + site_name) or site_name.endswith("." + path) and path:
+            return path, module
+    return site_name, None
 
 
 def _version() -> str:

@@ -39,8 +39,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def save_tiny_llama(directory, seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer random Llama (GQA 4/2 heads) and its tokenizer, saved with ``save_pretrained``."""
+def save_tiny_llama(directory, seed: int = 0, sharpness: float = 4.0) -> LlamaForCausalLM:
+    """A 2-layer random Llama (GQA 4/2 heads) and its tokenizer, saved with ``save_pretrained``.
+
+    q/k weights are scaled by ``sharpness`` so attention is peaky as in trained models (random
+    weights give almost uniform attention, nothing to skip and no law to calibrate).
+    """
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -48,6 +52,9 @@ def save_tiny_llama(directory, seed: int = 0) -> LlamaForCausalLM:
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     model = LlamaForCausalLM(config).eval()
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.data *= sharpness
+        layer.self_attn.k_proj.weight.data *= sharpness
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return model
@@ -75,7 +82,7 @@ def _state(sites):
 
 
 def _settings(resolved):
-    return {name: (c.br, c.bc, c.backend, c.enable, c.threshold.to_dict()) for name, c in resolved.items()}
+    return {name: (c.br, c.bc, c.backend, c.enable) for name, c in resolved.items()}
 
 
 def test_config_json_matches_the_schema(tiny, tmp_path):
@@ -131,9 +138,9 @@ def test_export_reload_same_logits_thresholds_and_laws(tiny, tmp_path):
     recorded = recorded_sparsity(reloaded.config)
     assert recorded is not None
     resolved = fxsparse.SparseAttentionConfig.from_dict(recorded.config).resolve(SITE_NAMES)
-    assert _settings(resolved) == {
-        name: (s.config.br, s.config.bc, s.config.backend, s.enabled, s.thresholds()) for name, s in sites.items()
-    }
+    assert _settings(resolved) == {name: (s.config.br, s.config.bc, s.config.backend, s.enabled) for name, s in sites.items()}
+    for name, site in sites.items():  # the record holds the float32 buffers' values as short decimals
+        assert resolved[name].threshold.to_dict() == pytest.approx(site.thresholds(), rel=1e-7)
     fresh = attach_sites(reloaded, resolved)
     recorded.apply(fresh)
     assert _state(fresh) == _state(sites)
@@ -210,3 +217,14 @@ def test_export_needs_sites_and_apply_needs_the_recorded_sites(tiny, tmp_path):
     recorded = recorded_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "out").config)
     with pytest.raises(ValueError, match="not in the model"):
         recorded.apply({})
+
+
+def test_site_names_relative_to_another_root(tiny, tmp_path):
+    """Sites named from a wrapper (``model.model.layers.0.self_attn``) still map to their modules."""
+    model, _ = tiny
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.fxsparse_site = SparseSite(f"model.model.layers.{index}.self_attn", SiteConfig(enable=index == 1))
+    export_hf(model, tmp_path / "out")
+    group = json.loads((tmp_path / "out" / "config.json").read_text())[SPARSE_ATTENTION_KEY]["config_groups"]["group_0"]
+    assert group["targets"] == ["LlamaAttention"]
+    assert group["ignore"] == ["model.layers.0.self_attn"]
