@@ -20,6 +20,7 @@ from .triton_prefill import LOG2E, prefill_kernel
 
 MIN_BLOCK = 16  # tl.dot needs at least 16 rows / columns / reduction depth
 NUM_SMS_FALLBACK = 132
+DECODE_WAVES = 8
 
 
 # -- launch configs: (num_warps, num_stages) by padded head dim and tile shape; tuned on H100/H200 --
@@ -184,6 +185,7 @@ def _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, *, state,
     num_warps = PREFILL_OVERRIDES.get("num_warps", num_warps)
     num_stages = PREFILL_OVERRIDES.get("num_stages", num_stages)
     skip_v_load = PREFILL_OVERRIDES.get("skip_v_load", True)
+    use_tma = PREFILL_OVERRIDES.get("tma", True) and (d_pad, dv_pad) == (head_dim, value_dim) and _tma_ok(q, k, v)
 
     dummy = q.new_empty(1)
     if attn_mask is not None:
@@ -211,8 +213,20 @@ def _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, *, state,
         BLOCK_M=block_m, BLOCK_N=block_n, T_PAD=_pow2(num_trials, 2),
         IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, COUNT_MODE=count_mode,
         SKIP_V_LOAD=skip_v_load, DEBUG=decisions_out is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def _tma_ok(q, k, v) -> bool:
+    """Bulk tensor copies need Hopper, 16-byte aligned bases and row strides, and a scratch allocator."""
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    for t in (k, v):
+        if t.data_ptr() % 16 or (t.stride(2) * t.element_size()) % 16:
+            return False
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+    return True
 
 
 def _num_sms(device) -> int:
@@ -222,8 +236,8 @@ def _num_sms(device) -> int:
 
 
 def decode_splits(num_programs: int, num_tiles: int, device) -> int:
-    """Enough splits of the KV range for about two waves of programs."""
-    return max(1, min(num_tiles, triton.cdiv(2 * _num_sms(device), num_programs)))
+    """Enough splits of the KV range for DECODE_WAVES programs per multiprocessor (they hide load latency)."""
+    return max(1, min(num_tiles, triton.cdiv(DECODE_WAVES * _num_sms(device), num_programs)))
 
 
 def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_mode, num_trials, stats_cols,

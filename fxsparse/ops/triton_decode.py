@@ -62,7 +62,10 @@ def decode_scores_kernel(
                 bias = tl.load(mask_ptrs, mask=attend, other=float("-inf")).to(tl.float32)
                 attend = attend & (bias > mask_min)
         m_tile = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        if tl.max(attend.to(tl.int32)) > 0:  # a fully masked tile reads no K
+        some = True
+        if MASK_KIND != 0:
+            some = tl.max(attend.to(tl.int32)) > 0
+        if some:  # a fully masked tile reads no K (a runtime branch only when a mask can empty it)
             # -- compute qk --
             k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale

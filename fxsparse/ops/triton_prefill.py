@@ -47,20 +47,26 @@ def tile_vote(m_tile, m_i, row_ok):
 
 
 @triton.jit
+def _load_v(v_base, v_desc, start_n, offs_n, offs_dv, n_ok, dv_ok, stride_vn, USE_TMA: tl.constexpr):
+    if USE_TMA:
+        return v_desc.load([start_n, 0])
+    return tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _attend_tiles(
     acc, l_i, m_i, n_valid, counts,
-    q, k_base, v_base, mask_base, kinds_base, dec_base,
+    q, k_base, v_base, k_desc, v_desc, mask_base, kinds_base, dec_base,
     offs_m, offs_d, offs_dv, row_ok, lo, hi,
     kv_len, causal_off, qk_scale, log_lam2, trials2,
     stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIAGONAL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, COUNT_MODE: tl.constexpr, VOTE_ALWAYS: tl.constexpr,
-    SKIP_V_LOAD: tl.constexpr, DEBUG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIAGONAL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, COUNT_MODE: tl.constexpr, VOTE: tl.constexpr,
+    SKIP_V_LOAD: tl.constexpr, DEBUG: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Key tiles [lo, hi): the inner loop. DIAGONAL tiles apply the Lk-boundary (and causal) masks."""
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < VALUE_DIM
-    do_vote = log_lam2 > float("-inf")
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_len
@@ -70,9 +76,12 @@ def _attend_tiles(
             kind = tl.load(kinds_base + start_n // BLOCK_N)
         if kind != 0:
             # -- compute qk (exp2 space) --
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            if USE_TMA:
+                k = k_desc.load([start_n, 0])
+            else:
+                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             if not SKIP_V_LOAD:
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+                v = _load_v(v_base, v_desc, start_n, offs_n, offs_dv, n_ok, dv_ok, stride_vn, USE_TMA)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             if DIAGONAL:
                 allowed = n_ok[None, :]
@@ -90,36 +99,66 @@ def _attend_tiles(
                     bias = tl.load(mask_ptrs, mask=in_bounds & partial, other=0.0).to(tl.float32)
                     qk = tl.where(bias > mask_min, qk + bias * 1.4426950408889634, float("-inf"))
 
-            # -- vote: every existing row's gap below log2 λ skips the tile --
             m_tile = tl.max(qk, 1)
-            if VOTE_ALWAYS:
-                tile_gap = tile_vote(m_tile, m_i, row_ok)
-                valid = tile_gap > float("-inf")
-                keep = valid & (tile_gap >= log_lam2)
-                n_valid += valid.to(tl.int32)
-                counts += (tile_gap < trials2).to(tl.int32) * valid.to(tl.int32)
-            else:
-                keep = tl.full([], 1, tl.int1)
-                if do_vote:
-                    tile_gap = tile_vote(m_tile, m_i, row_ok)
-                    keep = (tile_gap > float("-inf")) & (tile_gap >= log_lam2)
-            if DEBUG:
-                tl.store(dec_base + start_n // BLOCK_N, keep.to(tl.int8))
-
-            # -- online softmax; the running max moves on skipped tiles too (exact rescale) --
             m_new = tl.maximum(m_i, m_tile)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_safe)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            if keep:
+            if VOTE:
+                # -- vote: every existing row's gap below log2 λ skips the tile --
+                tile_gap = tile_vote(m_tile, m_i, row_ok)
+                valid = tile_gap > float("-inf")
+                keep = valid & (tile_gap >= log_lam2)
+                if COUNT_MODE != 0:
+                    n_valid += valid.to(tl.int32)
+                    counts += (tile_gap < trials2).to(tl.int32) * valid.to(tl.int32)
+                if DEBUG:
+                    tl.store(dec_base + start_n // BLOCK_N, keep.to(tl.int8))
+                # -- online softmax; the running max moves on skipped tiles too (exact rescale) --
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                if keep:
+                    p = tl.math.exp2(qk - m_safe[:, None])
+                    l_i += tl.sum(p, 1)
+                    if SKIP_V_LOAD:
+                        v = _load_v(v_base, v_desc, start_n, offs_n, offs_dv, n_ok, dv_ok, stride_vn, USE_TMA)
+                    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            else:
+                # -- λ = 0 and nothing to count: the plain flash-attention step, no branch to pipeline around --
+                if DEBUG:
+                    tl.store(dec_base + start_n // BLOCK_N, (tile_vote(m_tile, m_i, row_ok) > float("-inf")).to(tl.int8))
                 p = tl.math.exp2(qk - m_safe[:, None])
-                l_i += tl.sum(p, 1)
+                l_i = l_i * alpha + tl.sum(p, 1)
                 if SKIP_V_LOAD:
-                    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+                    v = _load_v(v_base, v_desc, start_n, offs_n, offs_dv, n_ok, dv_ok, stride_vn, USE_TMA)
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
     return acc, l_i, m_i, n_valid, counts
+
+
+@triton.jit
+def _attend_range(
+    acc, l_i, m_i, n_valid, counts, q, k_base, v_base, k_desc, v_desc, mask_base, kinds_base, dec_base,
+    offs_m, offs_d, offs_dv, row_ok, full_hi, hi, kv_len, causal_off, qk_scale, log_lam2, trials2,
+    stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
+    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, COUNT_MODE: tl.constexpr, VOTE: tl.constexpr, SKIP_V_LOAD: tl.constexpr,
+    DEBUG: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """Full tiles [0, full_hi) without causal/length masks, then diagonal tiles [full_hi, hi) with them."""
+    acc, l_i, m_i, n_valid, counts = _attend_tiles(
+        acc, l_i, m_i, n_valid, counts, q, k_base, v_base, k_desc, v_desc, mask_base, kinds_base, dec_base,
+        offs_m, offs_d, offs_dv, row_ok, 0, full_hi, kv_len, causal_off, qk_scale, log_lam2, trials2,
+        stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
+        HEAD_DIM, VALUE_DIM, BLOCK_N, False, IS_CAUSAL, MASK_KIND, COUNT_MODE, VOTE, SKIP_V_LOAD, DEBUG, DOT_PRECISION,
+        USE_TMA,
+    )
+    return _attend_tiles(
+        acc, l_i, m_i, n_valid, counts, q, k_base, v_base, k_desc, v_desc, mask_base, kinds_base, dec_base,
+        offs_m, offs_d, offs_dv, row_ok, full_hi, hi, kv_len, causal_off, qk_scale, log_lam2, trials2,
+        stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
+        HEAD_DIM, VALUE_DIM, BLOCK_N, True, IS_CAUSAL, MASK_KIND, COUNT_MODE, VOTE, SKIP_V_LOAD, DEBUG, DOT_PRECISION,
+        USE_TMA,
+    )
 
 
 @triton.jit
@@ -136,7 +175,7 @@ def prefill_kernel(
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, COUNT_MODE: tl.constexpr,
-    SKIP_V_LOAD: tl.constexpr, DEBUG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SKIP_V_LOAD: tl.constexpr, DEBUG: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Grid (cdiv(Lq, BLOCK_M), B·Hq): the heaviest (last) causal query tiles start first."""
     tile_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -166,6 +205,11 @@ def prefill_kernel(
     qk_scale = scale * 1.4426950408889634
     k_base = k_ptr + b * stride_kb + h_kv * stride_kh
     v_base = v_ptr + b * stride_vb + h_kv * stride_vh
+    k_desc = k_base
+    v_desc = v_base
+    if USE_TMA:  # bulk tensor copies; rows past Lk and columns past D read as zeros
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_len, HEAD_DIM], strides=[stride_kn, 1], block_shape=[BLOCK_N, D_PAD])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_len, VALUE_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, DV_PAD])
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
     kinds_base = kinds_ptr + b * stride_cb + h * stride_ch + tile_m * stride_ci
     dec_base = dec_ptr + b * stride_db + h * stride_dh + tile_m * stride_di
@@ -188,18 +232,21 @@ def prefill_kernel(
     else:
         full_hi = kv_len // BLOCK_N * BLOCK_N
         hi = tl.cdiv(kv_len, BLOCK_N) * BLOCK_N
-    acc, l_i, m_i, n_valid, counts = _attend_tiles(
-        acc, l_i, m_i, n_valid, counts, q, k_base, v_base, mask_base, kinds_base, dec_base,
-        offs_m, offs_d, offs_dv, row_ok, 0, full_hi, kv_len, causal_off, qk_scale, log_lam2, trials2,
-        stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
-        HEAD_DIM, VALUE_DIM, BLOCK_N, False, IS_CAUSAL, MASK_KIND, COUNT_MODE, COUNT_MODE != 0, SKIP_V_LOAD, DEBUG, DOT_PRECISION,
-    )
-    acc, l_i, m_i, n_valid, counts = _attend_tiles(
-        acc, l_i, m_i, n_valid, counts, q, k_base, v_base, mask_base, kinds_base, dec_base,
-        offs_m, offs_d, offs_dv, row_ok, full_hi, hi, kv_len, causal_off, qk_scale, log_lam2, trials2,
-        stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
-        HEAD_DIM, VALUE_DIM, BLOCK_N, True, IS_CAUSAL, MASK_KIND, COUNT_MODE, COUNT_MODE != 0, SKIP_V_LOAD, DEBUG, DOT_PRECISION,
-    )
+    # -- one compiled kernel, two loops: the vote is only paid for when λ > 0 or tiles are counted --
+    if (COUNT_MODE != 0) | (log_lam2 > float("-inf")):
+        acc, l_i, m_i, n_valid, counts = _attend_range(
+            acc, l_i, m_i, n_valid, counts, q, k_base, v_base, k_desc, v_desc, mask_base, kinds_base, dec_base,
+            offs_m, offs_d, offs_dv, row_ok, full_hi, hi, kv_len, causal_off, qk_scale, log_lam2, trials2,
+            stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
+            HEAD_DIM, VALUE_DIM, BLOCK_N, IS_CAUSAL, MASK_KIND, COUNT_MODE, True, SKIP_V_LOAD, DEBUG, DOT_PRECISION, USE_TMA,
+        )
+    else:
+        acc, l_i, m_i, n_valid, counts = _attend_range(
+            acc, l_i, m_i, n_valid, counts, q, k_base, v_base, k_desc, v_desc, mask_base, kinds_base, dec_base,
+            offs_m, offs_d, offs_dv, row_ok, full_hi, hi, kv_len, causal_off, qk_scale, log_lam2, trials2,
+            stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
+            HEAD_DIM, VALUE_DIM, BLOCK_N, IS_CAUSAL, MASK_KIND, COUNT_MODE, False, SKIP_V_LOAD, DEBUG, DOT_PRECISION, USE_TMA,
+        )
 
     # -- epilogue: rows with nothing unmasked output 0 --
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -1,0 +1,261 @@
+"""The Triton backend against the exact PyTorch reference (SPEC §4): skip decisions, stats, outputs.
+
+Without CUDA the kernels run under Triton's interpreter (fp32 / fp16, small shapes; the interpreter's
+bf16 dot is unusable). The interpreter must be chosen before ``triton`` is first imported, so on such a
+machine this file runs itself in a child pytest with ``TRITON_INTERPRET=1`` (one parent test reports the
+child's result) and the flag never touches the parent session. With CUDA the same checks run on the
+real kernels, plus the ``gpu`` tests at moderate sizes in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fxsparse.ops.reference import reference_attention
+from fxsparse.ops.threshold import make_threshold_state
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+IN_CHILD = os.environ.get("FXSPARSE_INTERPRETER_CHILD") == "1"
+RUN_HERE = HAS_CUDA or IN_CHILD
+
+pytest.importorskip("triton")
+if RUN_HERE:
+    from fxsparse.ops import triton_attention
+
+
+@pytest.mark.skipif(RUN_HERE, reason="the checks run directly in this process")
+def test_kernels_under_interpreter():
+    """Run this file's CPU checks in a fresh interpreter-mode process."""
+    env = dict(os.environ, TRITON_INTERPRET="1", FXSPARSE_INTERPRETER_CHILD="1")
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
+
+
+here = pytest.mark.skipif(not RUN_HERE, reason="runs in the interpreter child (see test_kernels_under_interpreter)")
+
+
+def _inputs(b, hq, hkv, lq, lk, d, dtype, seed, dv=None, device=DEVICE):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=gen)
+    k = torch.randn(b, hkv, lk, d, generator=gen)
+    v = torch.randn(b, hkv, lk, dv or d, generator=gen)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def compare(q, k, v, *, lam=0.0, mask=None, causal=False, br=16, bc=16, trials=None, rtol=None):
+    """Run both backends; assert identical decisions (up to exact near-threshold ties), stats and outputs."""
+    scale = q.shape[-1] ** -0.5
+    state = make_threshold_state(lam, device=q.device)
+    columns = 1 + (1 if trials is None else len(trials))
+    stats_ref = torch.zeros(2, columns, dtype=torch.int64, device=q.device)
+    stats_tri = stats_ref.clone()
+    trial_t = None if trials is None else torch.tensor(trials, device=q.device)
+    gaps = []
+    ref = reference_attention(q, k, v, mask, causal, scale, state, br, bc, stats_ref, trial_t, tile_gaps_out=gaps)
+    num_i = 1 if q.shape[2] == 1 else -(-q.shape[2] // br)
+    decisions = torch.zeros(q.shape[0], q.shape[1], num_i, -(-k.shape[2] // bc), dtype=torch.int8, device=q.device)
+    out = triton_attention.skip_softmax_attention(
+        q, k, v, mask, causal, scale, state, br, bc, stats_tri, trial_t, decisions_out=decisions
+    )
+
+    gaps = torch.stack(gaps, -1)
+    log_lam = math.log(lam) if lam > 0 and trials is None else float("-inf")
+    ref_decisions = ((gaps > float("-inf")) & (gaps >= log_lam)).to(torch.int8)
+    differ = decisions != ref_decisions
+    near_tie = (gaps - log_lam).abs() < 1e-4
+    assert not (differ & ~near_tie).any(), f"{int(differ.sum())} tile decisions differ from the reference"
+    if not differ.any():
+        assert torch.equal(stats_tri, stats_ref), (stats_tri.tolist(), stats_ref.tolist())
+    assert not out.isnan().any()
+    if not differ.any():
+        tol = rtol if rtol is not None else (2e-5 if q.dtype == torch.float32 else 5e-3)
+        err = (out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)
+        assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+        # rows that attend nothing are exactly 0
+        assert torch.equal(out[ref == 0].float(), ref[ref == 0].float())
+    return out, stats_tri, decisions
+
+
+# -- prefill: odd lengths, GQA, causal (bottom-right), λ from never to very aggressive --
+PREFILL_CASES = [
+    # b, hq, hkv, lq, lk, d, lam, causal, br, bc
+    (1, 2, 1, 40, 40, 16, 0.0, True, 16, 16),
+    (1, 4, 2, 37, 53, 24, 0.3, False, 16, 16),
+    (2, 4, 2, 45, 45, 32, 0.5, True, 16, 32),
+    (1, 4, 1, 67, 40, 16, 1.5, True, 32, 16),  # Lq > Lk: early rows see nothing
+    (1, 2, 2, 20, 90, 16, 3.0, True, 16, 16),  # Lq < Lk: bottom-right diagonal
+    (1, 6, 2, 50, 75, 80, 2.0, False, 16, 16),  # head dim padded to 128
+    (1, 2, 1, 5, 100, 16, 1.0, True, 32, 16),  # small Lq: one short query tile
+]
+
+
+@here
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_matches_reference(case, dtype):
+    b, hq, hkv, lq, lk, d, lam, causal, br, bc = case
+    q, k, v = _inputs(b, hq, hkv, lq, lk, d, dtype, seed=hash(case) % 1000)
+    compare(q, k, v, lam=lam, causal=causal, br=br, bc=bc)
+
+
+@here
+def test_skips_happen_and_value_dim_may_differ():
+    q, k, v = _inputs(1, 4, 2, 64, 96, 16, torch.float32, seed=3, dv=32)
+    _, stats, decisions = compare(q, k, v, lam=4.0, causal=True)
+    assert stats[0, 1] > 0 and (decisions == 0).any()
+
+
+# -- explicit masks: bool and additive, broadcast shapes, rows that attend nothing --
+def _masks(b, hq, lq, lk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(b, 1, lq, lk, generator=gen) > 0.4
+    keep[:, :, 3] = False  # a fully masked row outputs 0
+    keep[:, :, :, 16:32] = False  # a fully masked key tile is never visited
+    lengths = torch.tensor([lk, lk // 2])[:b]
+    padding = torch.arange(lk)[None, :] < lengths[:, None]
+    bias = torch.randn(b, hq, lq, lk, generator=gen) * 0.5
+    additive = torch.where(torch.rand(b, hq, lq, lk, generator=gen) > 0.3, bias, torch.finfo(torch.float32).min)
+    return {
+        "bool_per_row": keep.to(DEVICE),
+        "bool_padding": padding[:, None, None, :].to(DEVICE),
+        "additive_per_head": additive.to(DEVICE),
+        "additive_neg_inf_3d": torch.where(padding, 0.0, float("-inf"))[:, None, :].expand(b, lq, lk).to(DEVICE),
+    }
+
+
+@here
+@pytest.mark.parametrize("kind", ["bool_per_row", "bool_padding", "additive_per_head", "additive_neg_inf_3d"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_masks_match_reference(kind, causal):
+    b, hq, hkv, lq, lk = 2, 4, 2, 33, 70
+    q, k, v = _inputs(b, hq, hkv, lq, lk, 16, torch.float32, seed=7)
+    mask = _masks(b, hq, lq, lk, seed=8)[kind]
+    if kind == "additive_neg_inf_3d":
+        mask = mask[:, None] if mask.dim() == 3 and mask.shape[0] == b else mask
+    compare(q, k, v, lam=0.7, mask=mask, causal=causal)
+
+
+@here
+def test_mask_summary_is_cached_and_follows_in_place_edits():
+    mask = torch.ones(1, 1, 40, 40, dtype=torch.bool, device=DEVICE)
+    first = triton_attention.mask_summary(mask, 16, 16, 40, 40)
+    assert triton_attention.mask_summary(mask, 16, 16, 40, 40) is first  # every layer reuses it
+    assert (first == 2).all()
+    mask[:, :, :, :16] = False  # in-place edit bumps the version counter
+    again = triton_attention.mask_summary(mask, 16, 16, 40, 40)
+    assert again is not first and (again[..., 0] == 0).all() and (again[..., 1:] == 2).all()
+
+
+# -- decode: Lq = 1, split-K, GQA packing, batch with different KV lengths --
+@here
+@pytest.mark.parametrize("lam", [0.0, 0.2, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_matches_reference(lam, dtype):
+    q, k, v = _inputs(3, 8, 2, 1, 150, 32, dtype, seed=11)
+    lengths = torch.tensor([150, 61, 1])
+    keep = (torch.arange(150)[None, :] < lengths[:, None])[:, None, None, :].to(DEVICE)
+    compare(q, k, v, lam=lam, mask=keep, bc=16)
+    compare(q, k, v, lam=lam, bc=32)
+
+
+@here
+def test_decode_additive_mask_and_empty_sequence():
+    q, k, v = _inputs(2, 4, 4, 1, 64, 16, torch.float32, seed=12)
+    bias = torch.zeros(2, 1, 1, 64, device=DEVICE)
+    bias[1] = float("-inf")  # a sequence that attends nothing outputs 0
+    out, _, _ = compare(q, k, v, lam=0.5, mask=bias, bc=16)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+# -- counting (calibration's measuring mode): dense output, every trial λ counted in one pass --
+@here
+@pytest.mark.parametrize("lq", [1, 45])
+def test_counting_matches_reference(lq):
+    q, k, v = _inputs(2, 4, 2, lq, 90, 16, torch.float32, seed=13)
+    trials = [1e-4, 1e-2, 0.1, 0.5, 0.99, 2.0, 5.0]
+    out, stats, _ = compare(q, k, v, causal=True, trials=trials, bc=16)
+    dense = reference_attention(q, k, v, None, True, 16**-0.5, make_threshold_state(0.0, device=DEVICE), 16, 16)
+    assert torch.allclose(out, dense, atol=1e-5)
+    phase = 1 if lq == 1 else 0
+    counts = stats[phase, 1:]
+    assert (counts[1:] >= counts[:-1]).all() and counts[-1] > 0  # monotone in λ, and some skipping
+
+
+@here
+def test_threshold_state_law_and_disable_are_read_in_kernel():
+    q, k, v = _inputs(1, 2, 1, 48, 48, 16, torch.float32, seed=14)
+    law = make_threshold_state(0.0, law={"prefill": {"a": 40.0, "b": 2.0}, "decode": {"a": 1.0, "b": 1.0}},
+                               target=0.6, device=DEVICE)
+    compare(q, k, v, lam=0.0, causal=True)  # sanity
+    for state in (law, make_threshold_state(5.0, enabled=False, device=DEVICE)):
+        stats_ref = torch.zeros(2, 2, dtype=torch.int64, device=DEVICE)
+        stats_tri = stats_ref.clone()
+        ref = reference_attention(q, k, v, None, True, 0.25, state, 16, 16, stats_ref)
+        out = triton_attention.skip_softmax_attention(q, k, v, None, True, 0.25, state, 16, 16, stats_tri)
+        assert torch.equal(stats_tri, stats_ref)
+        assert torch.allclose(out, ref, atol=2e-5)
+
+
+@here
+def test_unsupported_inputs_fail_clearly():
+    q, k, v = _inputs(1, 2, 1, 8, 8, 16, torch.float32, seed=15)
+    state = make_threshold_state(0.0, device=DEVICE)
+    with pytest.raises(ValueError, match="br"):
+        triton_attention.skip_softmax_attention(q, k, v, None, False, 0.25, state, 8, 16)
+    with pytest.raises(ValueError, match="float16"):
+        triton_attention.skip_softmax_attention(q.double(), k.double(), v.double(), None, False, 0.25, state, 16, 16)
+
+
+# -- GPU: the real kernels in bf16/fp16 at moderate sizes --
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+def test_gpu_prefill_head_dims(dtype, d):
+    q, k, v = _inputs(1, 8, 2, 700, 1100, d, dtype, seed=d)
+    compare(q, k, v, lam=1.5, causal=True, br=128, bc=128, rtol=1e-2)
+    compare(q, k, v, lam=0.0, causal=False, br=128, bc=64, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_masks_decode_counting(dtype):
+    q, k, v = _inputs(2, 8, 2, 300, 900, 128, dtype, seed=21)
+    pad = (torch.arange(900, device="cuda")[None, :] >= torch.tensor([0, 200], device="cuda")[:, None])
+    compare(q, k, v, lam=1.0, mask=pad[:, None, None, :], causal=True, br=128, bc=128, rtol=1e-2)
+    compare(q, k, v, trials=[1e-3, 0.1, 1.0, 4.0], causal=True, br=128, bc=128, rtol=1e-2)
+    qd, kd, vd = _inputs(3, 32, 8, 1, 9000, 128, dtype, seed=22)
+    lengths = torch.tensor([9000, 4000, 130], device="cuda")
+    keep = (torch.arange(9000, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    compare(qd, kd, vd, lam=2.0, mask=keep, br=128, bc=128, rtol=1e-2)
+    compare(qd, kd, vd, trials=[1e-3, 0.1, 1.0, 4.0], br=128, bc=128, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_dense_matches_sdpa_and_compiles():
+    import torch.nn.functional as F
+
+    q, k, v = _inputs(1, 8, 8, 2048, 2048, 128, torch.bfloat16, seed=31)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    from fxsparse.ops import skip_softmax_attention
+
+    out = skip_softmax_attention(q, k, v, is_causal=True, threshold=0.0, backend="triton")
+    assert ((out.double() - expected).norm() / expected.norm()) < 1e-2
+    compiled = torch.compile(lambda q, k, v: skip_softmax_attention(q, k, v, is_causal=True, threshold=0.0,
+                                                                   backend="triton"), fullgraph=True)
+    assert torch.allclose(compiled(q, k, v), out)
