@@ -28,6 +28,8 @@ def phase_of(query_len: int) -> int:
 
 def _per_phase(value: float | Mapping[str, float], name: str) -> tuple[float, float]:
     if isinstance(value, Mapping):
+        if set(value) != {"prefill", "decode"}:
+            raise ValueError(f"{name} per phase needs exactly the keys 'prefill' and 'decode', got {list(value)}")
         return float(value["prefill"]), float(value["decode"])
     return float(value), float(value)
 
