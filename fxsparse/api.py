@@ -1,0 +1,214 @@
+"""``sparsify`` a HuggingFace model in place, and steer its attention sites afterwards.
+
+    model = fxsparse.sparsify(model, config=SKIP_SOFTMAX_DEFAULT)
+    model.generate(...)                          # attention runs through the sparse op
+    fxsparse.set_threshold(model, 1e-2, "*layers.0.*")
+    print(fxsparse.summary(model, file=None))
+
+How it works: ``model.forward`` becomes ``torch.compile(original forward, backend=SiteCompiler)``
+with Inductor off, so Dynamo captures the model, the backend rewrites every attention into the
+op, and the rewritten graph runs as is. A short warm-up forward creates the sites
+(``<attention module>.fxsparse_site``, buffers non-persistent: ``state_dict`` and
+``save_pretrained`` are unchanged) and validates the config against them. The graphs read the
+site buffers at call time, so every helper here takes effect without recompiling.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import io
+import sys
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .backend import SITE_ATTRIBUTE, SiteCompiler
+from .config import SKIP_SOFTMAX_DEFAULT, SparseAttentionConfig
+from .sites import PHASE_ROWS, SparseSite, sites_of
+
+WARM_UP_LENGTH = 16
+COMPILER_ATTRIBUTE = "fxsparse_compiler"
+
+
+def _dynamo_limits():
+    """Generation compiles a graph per phase and shape regime; running out of recompiles must
+    raise, never fall back to the dense eager forward."""
+    return torch._dynamo.config.patch(
+        recompile_limit=64, accumulated_recompile_limit=4096, fail_on_recompile_limit_hit=True
+    )
+
+
+def sparsify(model: nn.Module, config: Mapping[str, Any] | None = None,
+             forward_loop: Callable | None = None, tokenizer=None) -> nn.Module:
+    """Rewrite every attention of a HuggingFace causal LM into the skip-softmax op, in place.
+
+    Args:
+        model: a ``PreTrainedModel`` (``attn_implementation`` "eager" or "sdpa").
+        config: a ``sparse_cfg`` dict; None uses the sparsity recorded in the model's config
+            (an fxsparse export) or else ``SKIP_SOFTMAX_DEFAULT``.
+        forward_loop, tokenizer: passed to calibration when the config has a calibration section.
+
+    Returns the same model, whose ``forward`` and ``generate()`` run the sparse op.
+    """
+    _validate_model(model)
+    recorded = _recorded_sparsity(model) if config is None else None
+    if config is None:
+        config = recorded.config if recorded is not None else SKIP_SOFTMAX_DEFAULT
+    config = SparseAttentionConfig.from_dict(config)
+    compiler = SiteCompiler(config, inductor=False, root=model)
+    original = model.forward
+    compiled = torch.compile(original, backend=compiler, dynamic=True)
+
+    @functools.wraps(original)  # HF generate() inspects forward's signature
+    def forward(*args, **kwargs):
+        with _dynamo_limits():
+            return compiled(*args, **kwargs)
+
+    model.forward = forward
+    setattr(model, COMPILER_ATTRIBUTE, compiler)
+    try:
+        _warm_up(model)
+        if not sites_of(model):
+            dense = "; ".join(f"{site}: {reason}" for site, reason in compiler.report.left_dense)
+            raise ValueError(f"no attention found in {type(model).__name__}" + (f" (left dense: {dense})" if dense else ""))
+    except Exception:
+        _undo(model)
+        raise
+    if recorded is not None:
+        recorded.apply(sites_of(model))
+    if config.calibration is not None:
+        from .calibration import calibrate  # lazy: calibration pulls in samples and fitting
+
+        calibrate(model, config.to_dict(), forward_loop=forward_loop, tokenizer=tokenizer)
+    return model
+
+
+def _validate_model(model) -> None:
+    if not isinstance(model, nn.Module) or not hasattr(model, "config") or not hasattr(model, "main_input_name"):
+        raise ValueError(
+            f"sparsify needs a HuggingFace PreTrainedModel, got {type(model).__name__}; for other modules use "
+            "torch.compile(module, backend='fxsparse') or fxsparse.transform(torch.export.export(...))"
+        )
+    if hasattr(model, COMPILER_ATTRIBUTE):
+        raise ValueError("model is already sparsified; steer it with fxsparse.set_threshold / enable_sparsity")
+
+
+def _recorded_sparsity(model):
+    try:
+        from .hf_checkpoint import recorded_sparsity
+    except ImportError as error:
+        raise ValueError(f"config=None needs fxsparse.hf_checkpoint to read recorded sparsity: {error}") from None
+    return recorded_sparsity(getattr(model, "config", None))
+
+
+def _warm_up(model: nn.Module) -> None:
+    """One short forward: Dynamo captures, the backend creates the sites. Backend errors (a config
+    pattern matching no site) surface as themselves, not wrapped by Dynamo."""
+    device = next(iter(model.parameters())).device
+    ids = torch.full((1, WARM_UP_LENGTH), 1, dtype=torch.long, device=device)
+    try:
+        with torch.no_grad():
+            model(ids)
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        inner = getattr(error, "inner_exception", None)
+        raise (inner if isinstance(inner, ValueError) else error) from None
+
+
+def _undo(model: nn.Module) -> None:
+    """Restore the model after a failed sparsify: original forward, no sites."""
+    del model.forward
+    delattr(model, COMPILER_ATTRIBUTE)
+    for module in model.modules():
+        if isinstance(getattr(module, SITE_ATTRIBUTE, None), SparseSite):
+            delattr(module, SITE_ATTRIBUTE)
+
+
+# -- steering helpers (all in place; nothing recompiles) --
+
+
+def _sites(model: nn.Module, pattern: str) -> list[SparseSite]:
+    sites = sites_of(model)
+    if not sites:
+        raise ValueError(f"{type(model).__name__} has no sparse attention sites; call fxsparse.sparsify first")
+    chosen = [site for name, site in sites.items() if fnmatch.fnmatchcase(name, pattern)]
+    if not chosen:
+        raise ValueError(f"pattern {pattern!r} matches no attention site; sites are: {list(sites)}")
+    return chosen
+
+
+def enable_sparsity(model: nn.Module, pattern: str = "*") -> None:
+    for site in _sites(model, pattern):
+        site.set_enabled(True)
+
+
+def disable_sparsity(model: nn.Module, pattern: str = "*") -> None:
+    """The matching sites run dense (through the op, so enabling again needs no recompile)."""
+    for site in _sites(model, pattern):
+        site.set_enabled(False)
+
+
+def set_threshold(model: nn.Module, threshold: float | Mapping[str, float], pattern: str = "*") -> None:
+    """Fixed λ (one number or per phase) for the matching sites; clears calibrated laws."""
+    for site in _sites(model, pattern):
+        site.set_threshold(threshold)
+
+
+def set_target_sparsity(model: nn.Module, target: float | Mapping[str, float], pattern: str = "*") -> None:
+    """New target sparsity S for calibrated sites: λ = a·exp(b·S)/L, no recalibration."""
+    sites = _sites(model, pattern)
+    uncalibrated = [site.name for site in sites if site.law() is None]
+    if uncalibrated:
+        raise ValueError(f"sites {uncalibrated} have no calibrated law; calibrate first or use set_threshold")
+    for site in sites:
+        site.set_target(target)
+
+
+def get_stats(model: nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per site and phase: ``{"valid": tiles, "skipped": tiles, "sparsity": skipped/valid or None}``."""
+    stats = {}
+    for name, site in sites_of(model).items():
+        counts = site.stats.detach().cpu()
+        stats[name] = {
+            phase: {"valid": int(counts[row, 0]), "skipped": int(counts[row, 1]),
+                    "sparsity": float(counts[row, 1] / counts[row, 0]) if counts[row, 0] > 0 else None}
+            for phase, row in PHASE_ROWS.items()
+        }
+    return stats
+
+
+def reset_stats(model: nn.Module) -> None:
+    for site in sites_of(model).values():
+        site.reset_stats()
+
+
+def summary(model: nn.Module, file=sys.stdout) -> str:
+    """A per-site table (written to ``file`` unless None, and returned)."""
+    out = io.StringIO()
+    header = f"{'site':<36} {'on':<3} {'br×bc':<9} {'backend':<8} {'threshold / law':<44} {'sparsity p / d'}"
+    print(header, file=out)
+    for name, site in sites_of(model).items():
+        info = site.describe()
+        sparsity = " / ".join("-" if s is None else f"{s:.1%}" for s in info["sparsity"].values())
+        print(f"{name:<36} {'y' if info['enabled'] else 'n':<3} {info['br']}×{info['bc']:<6} "
+              f"{info['backend']:<8} {_describe_threshold(info):<44} {sparsity}", file=out)
+    compiler = getattr(model, COMPILER_ATTRIBUTE, None)
+    for site, reason in dict(compiler.report.left_dense if compiler else []).items():
+        print(f"{site:<36} dense: {reason}", file=out)
+    text = out.getvalue()
+    if file is not None:
+        file.write(text)
+    return text
+
+
+def _describe_threshold(info: dict) -> str:
+    law, fixed = info["law"] or {}, info["threshold"]
+    parts = []
+    for phase in PHASE_ROWS:
+        if phase in law:
+            p = law[phase]
+            parts.append(f"{phase[0]}: {p['a']:.3g}·exp({p['b']:.3g}·{p['target']:.2f})/L")
+        else:
+            parts.append(f"{phase[0]}: λ={fixed[phase]:.3g}")
+    return ", ".join(parts)

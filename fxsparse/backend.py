@@ -1,0 +1,204 @@
+"""The ``fxsparse`` torch.compile backend: Dynamo capture → attention rewrite → eager or Inductor.
+
+    torch.compile(model, backend="fxsparse")                                  # Inductor after
+    torch.compile(model, backend="fxsparse", options={"config": cfg, "inductor": False})
+
+Each rewritten site gets a ``SparseSite`` submodule next to its attention module
+(``model.layers.3.self_attn.fxsparse_site``), so ``fxsparse.sites_of(model)`` and the helpers in
+``fxsparse.api`` steer it. How the graph reads the site's buffers at call time:
+
+- Inductor off: ``get_attr`` nodes on the GraphModule, which holds the site as a submodule; a
+  replaced buffer (``site.measuring`` swaps ``stats``) is picked up on the next call.
+- Inductor on: the buffers are extra graph inputs that a wrapper fetches from the site on every
+  call, so Inductor never bakes them as constants. Their shapes are fixed at compile time, so
+  measuring (which reshapes ``stats``) needs Inductor off.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import SKIP_SOFTMAX_DEFAULT, SiteConfig, SparseAttentionConfig
+from .graph.match import FRAME_ROOT
+from .graph.rewrite import RewriteReport, SiteInputs, rewrite_attention
+from .sites import SparseSite
+
+log = logging.getLogger(__name__)
+
+SITE_ATTRIBUTE = "fxsparse_site"
+SITE_BUFFERS = ("threshold_state", "stats", "trial_thresholds")
+OPTIONS = ("config", "inductor", "backend")
+
+
+class SiteCompiler:
+    """A Dynamo backend that rewrites attention and keeps the sites on the compiled model.
+
+    Args:
+        config: a ``sparse_cfg`` dict (default ``SKIP_SOFTMAX_DEFAULT``); resolves new sites only,
+            sites that already exist keep their settings.
+        inductor: compile the rewritten graph with Inductor (else run it as is).
+        root: the model whose site names are module paths from it (``sparsify``); without it,
+            names are relative to the compiled frame's module.
+    """
+
+    def __init__(self, config: Any = None, inductor: bool = False, root: nn.Module | None = None):
+        self.config = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_DEFAULT if config is None else config)
+        self.inductor = inductor
+        self.root = root
+        self.compiles = 0
+        self.report = RewriteReport()
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, **_) -> Callable:
+        self.compiles += 1
+        frame_root, prefix = self._frame_root(gm)
+        graph_sites: dict[str, SparseSite] = {}
+
+        def configure(names: list[str]) -> dict[str, SiteConfig]:
+            for name in names:
+                graph_sites[name] = self._site(frame_root, prefix, name)
+            return {name: site.config for name, site in graph_sites.items()}
+
+        inputs = _GraphInputs(gm, graph_sites) if self.inductor else _AttributeInputs(gm, graph_sites)
+        report = rewrite_attention(gm.graph, configure, inputs)
+        report.rewritten = [graph_sites[name].name for name in report.rewritten]
+        self.report.extend(report)
+        gm.recompile()
+        if not self.inductor:
+            return gm.forward
+        return inputs.compile_with_inductor(list(example_inputs))
+
+    # -- where sites live --
+
+    def _frame_root(self, gm) -> tuple[nn.Module | None, str]:
+        """The module the compiled frame runs on, and its path under ``self.root``."""
+        root_expression = _root_expression(gm)
+        frame_root = None
+        if root_expression is not None:
+            from torch._dynamo.symbolic_convert import InstructionTranslator
+
+            translator = InstructionTranslator.current_tx()
+            if translator is not None:
+                frame_root = eval(root_expression, {"L": translator.f_locals})  # a Dynamo source path
+        if self.root is None or frame_root is None:
+            return frame_root, ""
+        for path, module in self.root.named_modules():
+            if module is frame_root:
+                return frame_root, path
+        return frame_root, ""
+
+    def _site(self, frame_root: nn.Module | None, prefix: str, relative: str) -> SparseSite:
+        """The site of attention module ``relative`` (under ``frame_root``), created on first sight."""
+        name = ".".join(p for p in (prefix, relative) if p)
+        owner = None
+        if isinstance(frame_root, nn.Module):
+            owner = frame_root.get_submodule(relative)
+            if isinstance(getattr(owner, SITE_ATTRIBUTE, None), SparseSite):
+                return getattr(owner, SITE_ATTRIBUTE)
+        known = [site.name for site in (_sites_under(self.root or frame_root))]
+        config = self.config.resolve(sorted(set(known) | {name}))[name]
+        site = SparseSite(name, config)
+        if owner is not None:
+            site.to(_device_of(owner))
+            owner.add_module(SITE_ATTRIBUTE, site)
+        log.info("fxsparse: new site %s (%s)", name, config)
+        return site
+
+
+class _AttributeInputs:
+    """Site buffers as ``get_attr`` nodes: the GraphModule holds each site as a submodule."""
+
+    def __init__(self, gm: torch.fx.GraphModule, sites: dict[str, SparseSite]):
+        self.gm, self.sites, self.attributes = gm, sites, {}
+
+    def __call__(self, name: str, config: SiteConfig) -> SiteInputs:
+        site = self.sites[name]
+        if name not in self.attributes:
+            self.attributes[name] = f"{SITE_ATTRIBUTE}_{len(self.attributes)}"
+            self.gm.add_submodule(self.attributes[name], site)
+        attribute = self.attributes[name]
+        state, stats, trials = (self.gm.graph.get_attr(f"{attribute}.{b}") for b in SITE_BUFFERS)
+        return SiteInputs(state, stats if config.collect_stats else None, trials)
+
+
+class _GraphInputs:
+    """Site buffers as extra graph inputs, fetched from the sites on every call (for Inductor)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, sites: dict[str, SparseSite]):
+        self.gm, self.sites, self.nodes, self.sources = gm, sites, {}, {}
+
+    def __call__(self, name: str, config: SiteConfig) -> SiteInputs:
+        if name not in self.nodes:
+            site, graph = self.sites[name], self.gm.graph
+            last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+            self.nodes[name] = {}
+            with graph.inserting_after(last_input):
+                for buffer in SITE_BUFFERS:
+                    node = graph.placeholder(f"fxsparse_site_{len(self.nodes)}_{buffer}")
+                    node.meta["example_value"] = getattr(site, buffer)
+                    self.nodes[name][buffer], self.sources[node] = node, (site, buffer)
+        nodes = self.nodes[name]
+        stats = nodes["stats"] if config.collect_stats else None
+        return SiteInputs(nodes["threshold_state"], stats, nodes["trial_thresholds"])
+
+    def compile_with_inductor(self, example_inputs: list) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        fetch = [self.sources[node] for node in placeholders[len(example_inputs):]]
+        compiled = compile_fx(self.gm, example_inputs + [getattr(site, b) for site, b in fetch])
+
+        def run(*args):
+            extra = [getattr(site, buffer) for site, buffer in fetch]
+            if getattr(compiled, "_boxed_call", False):
+                return compiled([*args, *extra])
+            return compiled(*args, *extra)
+
+        return run
+
+
+def _root_expression(gm) -> str | None:
+    """``L['self']`` (or ``L['args'][0]``…): the Dynamo source of the frame's module."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path, _ = next(iter(stack.values()))
+            found = FRAME_ROOT.match(path)
+            return found.group(0) if found else None
+    return None
+
+
+def _sites_under(module: nn.Module | None) -> list[SparseSite]:
+    return [m for m in module.modules() if isinstance(m, SparseSite)] if module is not None else []
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), next(iter(module.buffers()), None))
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _options_config(options: dict) -> Any:
+    """The ``config`` option, with the ``backend`` option applied to every pattern."""
+    unknown = [key for key in options if key not in OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown fxsparse option(s) {unknown}; valid options are {list(OPTIONS)}")
+    config = SparseAttentionConfig.from_dict(options.get("config") or SKIP_SOFTMAX_DEFAULT)
+    if "backend" in options:
+        for settings in config.patterns.values():
+            settings["backend"] = options["backend"]
+        config = SparseAttentionConfig.from_dict(config.to_dict())  # re-validate the backend name
+    return config
+
+
+def fxsparse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None, **_):
+    """Entry point of ``torch.compile(..., backend="fxsparse")``.
+
+    Options: ``config`` (a ``sparse_cfg`` dict), ``inductor`` (default True), ``backend``
+    (the op backend for every site). ``mode`` (HuggingFace passes it) is accepted and ignored.
+    """
+    options = dict(options or {})
+    compiler = SiteCompiler(_options_config(options), inductor=options.get("inductor", True))
+    return compiler(gm, example_inputs)

@@ -1,0 +1,395 @@
+"""Find attention subgraphs in FX graphs (Dynamo's torch-level IR and torch.export's ATen IR).
+
+Two forms are recognised, each described once, next to the checks that guard it:
+
+    eager chain   s = matmul(q, kᵀ) [* scale | / d] [+ mask]    (or view ∘ bmm ∘ view/expand)
+                  p = softmax(s, dim=-1 [, dtype]) [.to()] [dropout(p=0 | eval)] [.to()]
+                  out = matmul(p, v)                              (or view ∘ bmm ∘ view/expand)
+    fused         out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal,
+                  scale, enable_gqa) and its flash / efficient / cuDNN / CPU-flash ATen variants
+
+HuggingFace's ``repeat_kv`` (``x[:, :, None].expand(...).reshape(...)``, or ``repeat_interleave``)
+is peeled from K and V so the op receives the KV heads un-repeated (it does GQA natively).
+
+A detector returns an ``AttentionMatch`` or ``None`` and never touches the graph. When a node is
+clearly an attention but the op cannot represent it exactly, the detector raises ``LeftDense``
+with the reason; the rewriter reports it and leaves the subgraph alone.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .patterns import (
+    ADD,
+    CASTS,
+    DROPOUTS,
+    MATMULS,
+    METADATA_ASSERTS,
+    SCALES,
+    SDPA_ARGUMENTS,
+    SOFTMAXES,
+    VIEWS,
+    arguments,
+    is_op,
+)
+
+aten = torch.ops.aten
+
+
+@dataclass
+class AttentionMatch:
+    """One attention subgraph the op can replace exactly.
+
+    ``output`` is the node whose value the op produces (B, Hq, Lq, Dv); ``pattern`` lists the
+    nodes computing it from q/k/v/mask, which the rewriter erases once they are dead.
+    """
+
+    site: str
+    output: Node
+    query: Node
+    key: Node
+    value: Node
+    mask: Node | None
+    is_causal: bool
+    scale: float | Node  # a Node when Dynamo made the Python float symbolic
+    kind: str
+    pattern: list[Node] = field(default_factory=list)
+
+
+class LeftDense(Exception):
+    """An attention the op cannot represent exactly; it stays dense, reported with the reason."""
+
+    def __init__(self, site: str, node: Node, reason: str):
+        super().__init__(f"{site} ({node.name}): {reason}")
+        self.site, self.node_name, self.reason = site, node.name, reason
+
+
+# -- small readers over node.meta and node users --
+
+
+def value_of(node) -> torch.Tensor | None:
+    """The (fake) tensor a node computes: ``val`` in torch.export IR, ``example_value`` in Dynamo's."""
+    if not isinstance(node, Node):
+        return None
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def users_of(node: Node) -> list[Node]:
+    """Users that consume the value; export's ``_assert_tensor_metadata`` checks do not count."""
+    return [u for u in node.users if not is_op(u, METADATA_ASSERTS)]
+
+
+def _same_size(a, b) -> bool:
+    return statically_known_true(a == b)
+
+
+FRAME_ROOT = re.compile(r"^L\[['\"]\w+['\"]\](\[\d+\])*")
+_DECORATION = (
+    (re.compile(r"\.?_modules\[['\"]([^'\"]+)['\"]\]"), r".\1"),
+    (re.compile(r"\[['\"]([^'\"]+)['\"]\]"), r".\1"),
+    (re.compile(r"\[(\d+)\]"), r".\1"),
+)
+_GETATTR = re.compile(r"getattr\(([^,()]+), ['\"]([^'\"]+)['\"]\)")
+
+
+def module_path(dynamo_path: str) -> str:
+    """``L['self']._modules['model'].layers[3]`` → ``model.layers.3`` (export paths pass through)."""
+    path = dynamo_path
+    while _GETATTR.search(path):
+        path = _GETATTR.sub(r"\1.\2", path)
+    path = FRAME_ROOT.sub("", path)
+    for pattern, replacement in _DECORATION:
+        path = pattern.sub(replacement, path)
+    return path.strip(".")
+
+
+def site_name(node: Node) -> str:
+    """The innermost module around ``node`` (its ``nn_module_stack``), as a plain module path."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return node.name
+    path, _ = list(stack.values())[-1]
+    return module_path(path) or node.name
+
+
+# -- K/V un-repeating --
+
+
+def peel_repeat_kv(node: Node, pattern: list[Node]) -> Node:
+    """K or V before HF ``repeat_kv``: ``x[:, :, None].expand(B, Hkv, n, L, D).reshape(B, Hkv·n, L, D)``
+    (torch or ATen spelling, with export's clone) or ``x.repeat_interleave(n, dim=1)``."""
+    if is_op(node, {torch.repeat_interleave, "repeat_interleave", aten.repeat_interleave.self_int}):
+        args = arguments(node, ("self", "repeats", "dim"))
+        if args.get("dim") == 1 and isinstance(args.get("repeats"), int):
+            pattern.append(node)
+            return args["self"]
+        return node
+    if not is_op(node, {"reshape", "view", torch.reshape, aten.reshape.default, aten.view.default, aten._unsafe_view.default}):
+        return node
+    chain, expanded = [node], node.args[0]
+    while is_op(expanded, {aten.clone.default, "contiguous"}):
+        chain.append(expanded)
+        expanded = expanded.args[0]
+    if not is_op(expanded, {"expand", aten.expand.default}):
+        return node
+    unsqueezed = expanded.args[0]
+    source = _unsqueezed_at_2(unsqueezed)
+    repeated, original = value_of(node), value_of(source) if source is not None else None
+    if original is None or repeated is None or original.dim() != 4 or repeated.dim() != 4:
+        return node
+    pattern.extend(chain + [expanded, unsqueezed])
+    return source
+
+
+def _unsqueezed_at_2(node) -> Node | None:
+    if is_op(node, {"unsqueeze", aten.unsqueeze.default, torch.unsqueeze}) and node.args[1] == 2:
+        return node.args[0]
+    if is_op(node, {operator.getitem}) and isinstance(node.args[1], tuple):
+        index = node.args[1]
+        full = slice(None, None, None)
+        if len(index) == 5 and index[2] is None and all(i == full for i in index[:2] + index[3:]):
+            return node.args[0]
+    return None
+
+
+def _strip_views(node: Node, want_dim: int, pattern: list[Node]) -> Node:
+    """Undo ATen's matmul lowering (``expand`` → ``clone`` → ``view`` to 3-D around ``bmm``): the
+    deepest node of the view chain that still has ``want_dim`` dims."""
+    found, chain = node, []
+    while is_op(node, VIEWS):
+        chain.append(node)
+        node = node.args[0]
+        value = value_of(node)
+        if value is not None and value.dim() == want_dim:
+            found = node
+            pattern.extend(chain)
+            chain = []
+    return found
+
+
+# -- the eager chain --
+
+
+def _transposed_key(node: Node, pattern: list[Node]) -> Node | None:
+    """k from kᵀ: ``k.transpose(-2, -1)`` / ``transpose(2, 3)`` / ``permute(0, 1, 3, 2)``."""
+    value = value_of(node)
+    if value is None or value.dim() != 4:
+        return None
+    if is_op(node, {"transpose", torch.transpose, aten.transpose.int}):
+        dims = {d % 4 for d in node.args[1:3]}
+        if dims == {2, 3}:
+            pattern.append(node)
+            return node.args[0]
+    if is_op(node, {"permute", aten.permute.default}):
+        order = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if [d % 4 for d in order] == [0, 1, 3, 2]:
+            pattern.append(node)
+            return node.args[0]
+    return None
+
+
+def _matmul_operands(node: Node, pattern: list[Node]) -> tuple[Node, Node] | None:
+    """(a, b) of a 4-D ``a @ b``, written as matmul or as ATen's view(bmm(view(a), view(b)))."""
+    if is_op(node, MATMULS):
+        return node.args[0], node.args[1]
+    if is_op(node, VIEWS) and is_op(node.args[0], {aten.bmm.default}):
+        bmm = node.args[0]
+        if len(users_of(bmm)) != 1:
+            return None
+        pattern.append(bmm)
+        return _strip_views(bmm.args[0], 4, pattern), _strip_views(bmm.args[1], 4, pattern)
+    return None
+
+
+def _scale_factor(node: Node) -> float | Node | None:
+    """What a scale node multiplies scores by: a constant, or a symbolic float (a SymFloat node,
+    as Dynamo makes of Python floats under ``dynamic=True``); None when it is a tensor."""
+    args = list(node.args[:2])
+    factor = next((a for a in args if not isinstance(a, Node) or _is_symbolic_float(a)), None)
+    if factor is None:  # a 0-dim ``torch.full([], c)`` divisor, as older GPT-2 code writes it
+        factor = next((a.args[1] for a in args[1:] if is_op(a, {torch.full}) and a.args[0] in ([], ())), None)
+    divides = is_op(node, {operator.truediv, torch.div, "div", aten.div.Tensor, aten.div.Scalar})
+    if isinstance(factor, Node):
+        return None if divides else factor
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool):
+        return None
+    return 1.0 / factor if divides else float(factor)
+
+
+def _is_symbolic_float(node: Node) -> bool:
+    return isinstance(value_of(node), (float, torch.SymFloat))
+
+
+def _probs_to_output(softmax: Node, pattern: list[Node]) -> tuple[Node, Node] | None:
+    """Follow softmax through casts/dropout to ``p @ v``; (output, v) or None when p feeds no matmul."""
+    node = softmax
+    while True:
+        users = users_of(node)
+        if not users:
+            return None
+        if len(users) > 1:
+            if any(_probs_to_output(u, []) is not None or is_op(u, MATMULS) for u in users):
+                raise ValueError("the attention probabilities are also used elsewhere (e.g. output_attentions)")
+            return None
+        pattern.extend(u for u in node.users if is_op(u, METADATA_ASSERTS))
+        user = users[0]
+        if is_op(user, DROPOUTS):
+            _check_dropout(user)
+        elif is_op(user, MATMULS) and user.args[0] is node:
+            return user, user.args[1]
+        elif is_op(user, {aten.bmm.default}) and user.args[0] is node:
+            view = users_of(user)
+            if len(view) != 1 or not is_op(view[0], VIEWS):
+                return None
+            pattern.append(user)
+            return view[0], _strip_views(user.args[1], 4, pattern)
+        elif not is_op(user, CASTS | VIEWS):
+            return None
+        pattern.append(user)
+        node = user
+
+
+def _check_dropout(node: Node) -> None:
+    args = arguments(node, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True})
+    if is_op(node, {aten.dropout.default}):
+        args = arguments(node, ("input", "p", "train"))
+        args["training"] = args["train"]
+    if args["p"] != 0 and args["training"] is not False:
+        raise ValueError(f"dropout p={args['p']} in training mode is random; the op has no dropout")
+
+
+def match_eager_attention(softmax: Node) -> AttentionMatch | None:
+    """The unfused chain anchored at its softmax (see module docstring)."""
+    if not is_op(softmax, SOFTMAXES):
+        return None
+    site, pattern = site_name(softmax), [softmax]
+    try:
+        found = _probs_to_output(softmax, pattern)
+    except ValueError as error:
+        raise LeftDense(site, softmax, str(error)) from None
+    if found is None:
+        return None  # a softmax that is not attention (router, classifier head)
+    output, value = found
+    scores_value = value_of(softmax.args[0])
+    dim = arguments(softmax, ("input", "dim"), {"dim": None})["dim"]
+    if scores_value is None or scores_value.dim() != 4:
+        raise LeftDense(site, softmax, "scores are not 4-D (B, H, Lq, Lk)")
+    if dim is None or dim % 4 != 3:
+        raise LeftDense(site, softmax, f"softmax over dim {dim}, not the last (key) dim")
+    return _scores_chain(site, softmax, output, value, pattern)
+
+
+def _scores_chain(site, softmax, output, value, pattern) -> AttentionMatch:
+    """Walk back from the softmax input over [+ mask] and [* scale] to ``q @ kᵀ``."""
+    node, mask, scale = softmax.args[0], None, 1.0
+    while True:
+        if len(users_of(node)) != 1:
+            raise LeftDense(site, softmax, f"intermediate {node.name} is used elsewhere")
+        pattern.append(node)
+        if is_op(node, ADD) and mask is None and "alpha" not in node.kwargs:
+            a, b = node.args[:2]
+            chain_arg = a if _leads_to_scores(a) else b
+            mask = b if chain_arg is a else a
+            if not isinstance(mask, Node):
+                raise LeftDense(site, softmax, "a constant is added to the scores")
+            node = chain_arg
+        elif is_op(node, SCALES) and _scale_factor(node) is not None:
+            factor = _scale_factor(node)
+            if isinstance(factor, Node) and scale != 1.0 or isinstance(scale, Node):
+                raise LeftDense(site, softmax, "several scale factors, one of them symbolic")
+            scale = factor if isinstance(factor, Node) else scale * factor
+            node = next(a for a in node.args[:2] if _is_score_tensor(a))
+        else:
+            break
+    operands = _matmul_operands(node, pattern)
+    key_t = operands and _transposed_key(operands[1], pattern)
+    if not key_t:
+        what = node.target if node.op != "call_method" else f"Tensor.{node.target}"
+        reason = "logit soft-capping (tanh)" if "tanh" in str(what) else f"{what}"
+        raise LeftDense(site, softmax, f"{reason} between QKᵀ and softmax is not representable")
+    query = operands[0]
+    key, value = peel_repeat_kv(key_t, pattern), peel_repeat_kv(value, pattern)
+    _check_dtypes(site, softmax, query, key, value, output)
+    if mask is not None and value_of(mask) is not None and value_of(mask).dim() > 4:
+        raise LeftDense(site, softmax, "mask has more than 4 dims")
+    pattern.append(output)
+    return AttentionMatch(site, output, query, key, value, mask, False, scale, "eager", pattern)
+
+
+def _is_score_tensor(node) -> bool:
+    return isinstance(node, Node) and isinstance(value_of(node), torch.Tensor) and not is_op(node, {torch.full})
+
+
+def _leads_to_scores(node) -> bool:
+    """Whether ``node`` is the scores side of ``scores + mask`` (a scale or the QKᵀ matmul)."""
+    return isinstance(node, Node) and (
+        is_op(node, SCALES | MATMULS) or (is_op(node, VIEWS) and is_op(node.args[0], {aten.bmm.default}))
+    )
+
+
+def _check_dtypes(site, anchor, query, key, value, output) -> None:
+    values = [value_of(n) for n in (query, key, value, output)]
+    if any(v is None for v in values):
+        raise LeftDense(site, anchor, "no shape/dtype metadata on q/k/v")
+    q, k, v, out = values
+    if not (q.dtype == k.dtype == v.dtype == out.dtype):
+        raise LeftDense(site, anchor, f"mixed dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}, out {out.dtype}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise LeftDense(site, anchor, "q/k/v are not 4-D (B, H, L, D)")
+
+
+# -- the fused form --
+
+
+def match_sdpa(node: Node) -> AttentionMatch | None:
+    """``scaled_dot_product_attention`` in any spelling; tuple-returning variants via ``[0]``."""
+    names = next((names for targets, names in SDPA_ARGUMENTS if is_op(node, targets)), None)
+    if names is None:
+        return None
+    site, pattern = site_name(node), [node]
+    args = arguments(node, names, {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False})
+    output = node
+    if isinstance(value_of(node), (tuple, list)):
+        outputs = [u for u in node.users if is_op(u, {operator.getitem})]
+        if len(outputs) != len(node.users) or any(u.args[1] != 0 and u.users for u in outputs):
+            raise LeftDense(site, node, "log-sum-exp or other side outputs of the fused kernel are used")
+        firsts = [u for u in outputs if u.args[1] == 0]
+        if len(firsts) != 1:
+            return None
+        output = firsts[0]
+        pattern.extend(outputs)
+    if args["dropout_p"] not in (0, 0.0):
+        raise LeftDense(site, node, f"dropout_p={args['dropout_p']}: the op has no dropout")
+    query = args["query"]
+    key, value = peel_repeat_kv(args["key"], pattern), peel_repeat_kv(args["value"], pattern)
+    _check_dtypes(site, node, query, key, value, output)
+    q, k = value_of(query), value_of(key)
+    if args["is_causal"] and not _same_size(q.shape[2], k.shape[2]):
+        # SDPA's is_causal is top-left aligned, the op's bottom-right: equal only when Lq == Lk.
+        raise LeftDense(site, node, "is_causal with Lq != Lk (top-left causal) is not representable")
+    scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = scale if isinstance(scale, Node) else float(scale)
+    return AttentionMatch(site, output, query, key, value, args["attn_mask"], bool(args["is_causal"]),
+                          scale, "sdpa", pattern)
+
+
+def find_attention(graph: torch.fx.Graph) -> tuple[list[AttentionMatch], list[LeftDense]]:
+    """All attention subgraphs of ``graph``: those the op represents, and those left dense (why)."""
+    matches, left_dense = [], []
+    for node in graph.nodes:
+        try:
+            found = match_sdpa(node) or match_eager_attention(node)
+        except LeftDense as reason:
+            left_dense.append(reason)
+            continue
+        if found is not None:
+            matches.append(found)
+    return matches, left_dense

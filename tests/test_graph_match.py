@@ -1,0 +1,203 @@
+"""Matcher and rewriter on small hand-written attentions, in Dynamo's IR and torch.export's IR.
+
+Positive forms must become exactly one op call with the right q/k/v/mask/scale and un-repeated
+K/V; negative forms must stay dense, with the reason in the report.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxsparse.backend import SiteCompiler
+from fxsparse.graph.match import module_path
+from fxsparse.graph.rewrite import SiteInputs, rewrite_attention
+
+OP = torch.ops.fxsparse.skip_softmax_attention.default
+CONFIG = {"sparse_cfg": {"*": {"threshold": 0.0, "br": 16, "bc": 16, "backend": "pytorch"}}}
+B, HQ, HKV, L, D = 2, 4, 2, 19, 8
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """HuggingFace's repeat_kv."""
+    b, h, length, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, length, d).reshape(b, h * n_rep, length, d)
+
+
+class Eager(nn.Module):
+    """HF eager_attention_forward, with switches for the forms the matcher must refuse."""
+
+    def __init__(self, softcap=None, dropout=0.0, return_probs=False, softmax_dim=-1, divide=False):
+        super().__init__()
+        self.softcap, self.dropout, self.return_probs = softcap, dropout, return_probs
+        self.softmax_dim, self.divide = softmax_dim, divide
+
+    def forward(self, q, k, v, mask):
+        k, v = repeat_kv(k, HQ // HKV), repeat_kv(v, HQ // HKV)
+        scores = torch.matmul(q, k.transpose(2, 3))
+        scores = scores / math.sqrt(D) if self.divide else scores * D**-0.5
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores + mask
+        probs = F.softmax(scores, dim=self.softmax_dim, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, p=self.dropout, training=self.training)
+        out = torch.matmul(probs, v)
+        return (out, probs) if self.return_probs else out
+
+
+class Fused(nn.Module):
+    def __init__(self, is_causal=False, dropout=0.0):
+        super().__init__()
+        self.is_causal, self.dropout = is_causal, dropout
+
+    def forward(self, q, k, v, mask):
+        mask = None if self.is_causal else mask
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=self.is_causal, dropout_p=self.dropout, scale=0.3, enable_gqa=True
+        )
+
+
+class Block(nn.Module):
+    """Puts the attention at a module path, like a decoder layer."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.self_attn = attention
+
+    def forward(self, q, k, v, mask):
+        return self.self_attn(q, k, v, mask)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles the same ``Block.forward``; start each from an empty Dynamo cache."""
+    torch._dynamo.reset()
+
+
+def inputs(query_len: int = L, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, HQ, query_len, D, generator=g)
+    k, v = torch.randn(B, HKV, L, D, generator=g), torch.randn(B, HKV, L, D, generator=g)
+    allowed = torch.ones(B, 1, query_len, L, dtype=torch.bool)
+    allowed[0, ..., :3] = False  # left padding of the first sequence (no row is fully masked)
+    mask = torch.zeros(B, 1, query_len, L).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return q, k, v, mask
+
+
+def compile_block(attention: nn.Module):
+    model = Block(attention).eval()
+    compiler = SiteCompiler(CONFIG, inductor=False)
+    return model, torch.compile(model, backend=compiler, fullgraph=True), compiler
+
+
+@pytest.mark.parametrize("divide", [False, True])
+@pytest.mark.parametrize("attention", [Eager, Fused])
+def test_dynamo_rewrite_matches_dense(attention, divide):
+    module = attention(divide=divide) if attention is Eager else attention()
+    model, compiled, compiler = compile_block(module)
+    q, k, v, mask = inputs()
+    torch.testing.assert_close(compiled(q, k, v, mask), model(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    assert compiler.report.rewritten == ["self_attn"] and not compiler.report.left_dense
+    assert "fxsparse_site" in str(model.self_attn._modules)
+
+
+def test_repeat_kv_is_peeled_and_dead_nodes_removed():
+    gm = torch.export.export(Block(Eager()), inputs()).module()
+    seen = []
+    report = rewrite_attention(gm.graph, lambda names: _configs(names), lambda name, cfg: _constants(gm, seen))
+    gm.recompile()
+    (op,) = [n for n in gm.graph.nodes if n.target is OP]
+    assert report.rewritten == ["self_attn"]
+    assert op.args[1].meta["val"].shape[1] == HKV and op.args[2].meta["val"].shape[1] == HKV
+    code = gm.code
+    assert not any(f"aten.{op}" in code for op in ("softmax", "expand", "matmul", "dropout", "_to_copy"))
+    q, k, v, mask = inputs()
+    torch.testing.assert_close(gm(q, k, v, mask), Block(Eager())(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_causal_sdpa_bottom_right_in_decode():
+    model, compiled, compiler = compile_block(Fused(is_causal=True))
+    q, k, v, mask = inputs()
+    torch.testing.assert_close(compiled(q, k, v, mask), model(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    assert compiler.report.rewritten == ["self_attn"]
+
+
+@pytest.mark.parametrize(
+    "attention, reason",
+    [
+        (Eager(return_probs=True), "used elsewhere"),
+        (Eager(softcap=30.0), "soft-capping"),
+        (Eager(softmax_dim=-2), "dim -2"),
+        (Eager(dropout=0.1).train(), "dropout"),
+        (Fused(dropout=0.1).train(), "dropout_p"),
+    ],
+    ids=["output_attentions", "softcap", "softmax_dim", "dropout_eager", "dropout_sdpa"],
+)
+def test_unrepresentable_attention_stays_dense_with_reason(attention, reason):
+    model = Block(attention)
+    compiler = SiteCompiler(CONFIG, inductor=False)
+    compiled = torch.compile(model, backend=compiler, fullgraph=True)
+    q, k, v, mask = inputs()
+    torch.manual_seed(0)
+    compiled(q, k, v, mask)
+    assert compiler.report.rewritten == []
+    ((site, why),) = compiler.report.left_dense
+    assert site == "self_attn" and reason in why
+
+
+def test_causal_sdpa_with_unequal_lengths_stays_dense():
+    q, k, v, _ = inputs(query_len=5)
+    gm = torch.export.export(Block(Fused(is_causal=True)), (q, k, v, None)).module()
+    report = rewrite_attention(gm.graph, _configs, lambda name, cfg: _constants(gm, []))
+    assert report.rewritten == [] and "top-left" in report.left_dense[0][1]
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_export_eager_chain_before_and_after_decompositions(decompose):
+    ep = torch.export.export(Block(Eager()), inputs())
+    if decompose:
+        ep = ep.run_decompositions()
+    gm = ep.module()
+    report = rewrite_attention(gm.graph, _configs, lambda name, cfg: _constants(gm, []))
+    gm.recompile()
+    assert report.rewritten == ["self_attn"]
+    q, k, v, mask = inputs(seed=3)
+    torch.testing.assert_close(gm(q, k, v, mask), Block(Eager())(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dynamo_path, plain",
+    [
+        ("L['self'].model.layers.3.self_attn", "model.layers.3.self_attn"),
+        ("L['args'][0].model.layers.0.self_attn", "model.layers.0.self_attn"),
+        ("L['self']._modules['model']._modules['layers']._modules['2'].attn", "model.layers.2.attn"),
+        ("getattr(L['self'].model.layers, '1').self_attn", "model.layers.1.self_attn"),
+        ("model.layers.3.self_attn", "model.layers.3.self_attn"),
+    ],
+)
+def test_site_names_are_plain_module_paths(dynamo_path, plain):
+    assert module_path(dynamo_path) == plain
+
+
+# -- helpers: sites as constant buffers on the GraphModule --
+
+
+def _configs(names):
+    from fxsparse.config import SparseAttentionConfig
+
+    return SparseAttentionConfig.from_dict(CONFIG).resolve(names)
+
+
+def _constants(gm, seen) -> SiteInputs:
+    from fxsparse.sites import SparseSite
+
+    site = SparseSite("site", _configs(["site"])["site"])
+    name = f"site_{len(seen)}"
+    seen.append(name)
+    gm.add_submodule(name, site)
+    state, stats, trials = (gm.graph.get_attr(f"{name}.{b}") for b in ("threshold_state", "stats", "trial_thresholds"))
+    return SiteInputs(state, stats, trials)
