@@ -331,6 +331,16 @@ def causal_attention(q, k, v, threshold_state, stats):
     )
 
 
+def assert_compiled_matches_eager(compiled, q, k, v, state) -> torch.Tensor:
+    """Same output and same stats as the eager op; returns the compiled output."""
+    eager_stats, compiled_stats = torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64)
+    expected = causal_attention(q, k, v, state, eager_stats)
+    out = compiled(q, k, v, state, compiled_stats)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert torch.equal(compiled_stats, eager_stats)
+    return out
+
+
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_compiled_matches_eager_without_recompiling(backend):
     torch._dynamo.reset()
@@ -341,14 +351,26 @@ def test_compiled_matches_eager_without_recompiling(backend):
     outputs = []
     for lam in [1e-3, 0.5]:
         state.copy_(make_threshold_state(lam))  # in place, as SparseSite.set_threshold does
-        eager_stats, compiled_stats = torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64)
-        expected = causal_attention(q, k, v, state, eager_stats)
-        out = compiled(q, k, v, state, compiled_stats)
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
-        assert torch.equal(compiled_stats, eager_stats)
-        outputs.append(out)
+        outputs.append(assert_compiled_matches_eager(compiled, q, k, v, state))
     assert counter.frame_count == 1
     assert not torch.equal(outputs[0], outputs[1])  # the new threshold was read, not baked in
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[(50, 100), (70, 130), (3, 200)], [(1, 131), (1, 132), (1, 140)]],
+    ids=["prefill", "decode"],
+)
+def test_dynamic_shapes_compile_once_per_phase(lengths):
+    """A growing KV cache must not recompile (Dynamo specialises size 1, so decode is its own graph)."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(causal_attention, backend=counter, fullgraph=True, dynamic=True)
+    state = make_threshold_state(0.1)
+    for query_len, kv_len in lengths:
+        q, k, v = (t.float() for t in sink_inputs(query_len, kv_len))
+        assert_compiled_matches_eager(compiled, q, k, v, state)
+    assert counter.frame_count == 1
 
 
 class CausalSkipAttention(torch.nn.Module):
