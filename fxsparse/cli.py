@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +26,7 @@ USAGE_ERROR = 2
 
 # Without a GPU, calibration defaults shrink so that the main job takes minutes (SPEC §7).
 GPU_CALIB = {"samples": 64, "max_seqlen": 8192, "heldout_samples": 8}
-CPU_CALIB = {"samples": 8, "max_seqlen": 2048, "heldout_samples": 2}
+CPU_CALIB = {"samples": 4, "max_seqlen": 1024, "heldout_samples": 1}
 
 
 class CLIError(Exception):
@@ -243,6 +244,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {what} — {type(model).__name__}, {num_params / 1e6:.1f}M parameters, "
           f"loaded in {time.perf_counter() - start:.1f} s", file=out)
 
+    prompt = dense = None
+    if args.verify_output:  # the dense answer comes from the model as loaded, before any rewrite
+        from .verify import build_prompt, generate
+
+        prompt = build_prompt(tokenizer, args.seq_len, args.calib_data_dir)
+        print(f"verify: {prompt.length}-token question prompt; dense answer from the original model first", file=out)
+        dense = generate(model, tokenizer, prompt, args.max_new_tokens, progress="dense")
+
     recorded = recorded_sparsity(model.config)
     if recorded is not None:
         print(f"found in the checkpoint: {recorded.describe()}", file=out)
@@ -269,12 +278,10 @@ def run(args: argparse.Namespace) -> int:
         fxsparse.set_target_sparsity(model, args.target)
         print(f"target sparsity set to {args.target}", file=out)
 
-    if args.verify_output:
-        from .verify import build_prompt, verify
+    if prompt is not None:
+        from .verify import verify
 
-        prompt = build_prompt(tokenizer, args.seq_len, args.calib_data_dir)
-        print(f"verify: answering a {prompt.length}-token question prompt dense, then sparse", file=out)
-        result = verify(model, tokenizer, prompt, args.max_new_tokens, progress=True)
+        result = verify(model, tokenizer, prompt, args.max_new_tokens, progress=True, dense=dense)
         print(result.format(), file=out)
 
     print(fxsparse.summary(model, file=None), file=out)
@@ -303,7 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
     try:
-        return run(args)
+        with warnings.catch_warnings():
+            if not debug:  # Dynamo's tracing notes about the model's code are not the user's business
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._dynamo")
+            return run(args)
     except (CLIError, ValueError, FileNotFoundError, OSError) as error:
         if debug:
             raise

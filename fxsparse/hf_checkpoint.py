@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,16 +182,21 @@ class RecordedSparsity:
 
     @property
     def config(self) -> dict[str, Any]:
-        """A ``{"sparse_cfg": ...}`` (no calibration section) that recreates the sites' settings."""
-        site_fields = [f for f in SiteConfig.__dataclass_fields__]
-        if self.sites:
-            sparse_cfg: dict[str, Any] = {"default": {"enable": False}}
-            for name, record in self.sites.items():
-                sparse_cfg[name] = {key: copy.deepcopy(record[key]) for key in site_fields if key in record}
+        """A ``{"sparse_cfg": ...}`` (no calibration section) that recreates the sites' settings.
+
+        The settings most sites share go to ``default``; only sites that differ get a pattern of
+        their own (their exact name), so the usual record is one ``default`` section.
+        """
+        if not self.sites:
+            sparse_cfg = {"default": {"enable": True, "threshold": dict(_DEFAULT_THRESHOLD)}}
+            for pattern in self.group.get("ignore", []):
+                sparse_cfg[pattern] = {"enable": False}
             return {"sparse_cfg": sparse_cfg}
-        sparse_cfg = {"default": {"enable": True, "threshold": dict(_DEFAULT_THRESHOLD)}}
-        for pattern in self.group.get("ignore", []):
-            sparse_cfg[pattern] = {"enable": False}
+        settings = {name: _site_settings(record) for name, record in self.sites.items()}
+        keys = [json.dumps(value, sort_keys=True) for value in settings.values()]
+        common = json.loads(max(keys, key=keys.count))
+        sparse_cfg = {"default": common}
+        sparse_cfg.update({name: value for name, value in settings.items() if value != common})
         return {"sparse_cfg": sparse_cfg}
 
     def laws(self) -> dict[str, Any]:
@@ -259,6 +265,10 @@ def _group_phases(group: Mapping[str, Any]) -> dict[str, dict[str, float]]:
         for phase in PHASES
         if phase in factor and float(factor[phase].get("a", 0.0)) > 0
     }
+
+
+def _site_settings(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: copy.deepcopy(record[key]) for key in SiteConfig.__dataclass_fields__ if key in record}
 
 
 def _write(site: SparseSite, threshold: Mapping[str, float], law: Mapping[str, Mapping[str, float]] | None,

@@ -60,6 +60,7 @@ class VerifyResult:
     dense: Generation
     sparse: Generation
     sparsity: dict[str, float | None]
+    dense_label: str = "dense"
 
     def format(self) -> str:
         """A readable report: source, input length, both answers, time and sparsity per phase."""
@@ -72,6 +73,7 @@ class VerifyResult:
         ]
         if p.expected:
             lines.append(f"expected answer: {' | '.join(p.expected)}")
+        lines.append(f"dense = {self.dense_label}")
         for label, run in (("dense ", self.dense), ("sparse", self.sparse)):
             rate = run.new_tokens / run.seconds if run.seconds > 0 else float("nan")
             found = ""
@@ -207,46 +209,60 @@ class _TokenBar:
         self.bar.close()
 
 
-def generate(model: nn.Module, tokenizer, prompt: Prompt, max_new_tokens: int, progress: str | None = None) -> Generation:
+def generate(model: nn.Module, tokenizer, prompt: Prompt, max_new_tokens: int, progress: str | None = None,
+             warmup: bool = True) -> Generation:
     """Greedy generation of at most ``max_new_tokens``; the answer text and wall time.
 
-    ``progress``: a label for a tqdm bar over the new tokens (None: no bar).
+    Args:
+        progress: a label for a tqdm bar over the new tokens (None: no bar).
+        warmup: first run a 16-token prompt for one token, untimed, so one-time costs (first calls,
+            graph capture) stay out of the time.
     """
     device = next(model.parameters()).device
     input_ids = prompt.input_ids.to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    streamer = _TokenBar(progress, max_new_tokens) if progress else None
-    start = time.perf_counter()
+    kwargs = {"do_sample": False, "pad_token_id": pad}
     with torch.no_grad():
+        if warmup:
+            short = input_ids[:, :16]
+            model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=1, **kwargs)
+        streamer = _TokenBar(progress, max_new_tokens) if progress else None
+        start = time.perf_counter()
         output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=pad, streamer=streamer)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+                                streamer=streamer, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
     new = output[0, input_ids.shape[-1]:]
     return Generation(tokenizer.decode(new, skip_special_tokens=True), seconds, int(new.numel()))
 
 
-def verify(model: nn.Module, tokenizer, prompt: Prompt, max_new_tokens: int, progress: bool = False) -> VerifyResult:
-    """Answer ``prompt`` with every site disabled (dense), then as configured (sparse).
+def verify(model: nn.Module, tokenizer, prompt: Prompt, max_new_tokens: int, progress: bool = False,
+           dense: Generation | None = None) -> VerifyResult:
+    """Answer ``prompt`` dense, then sparse (as the sites are configured), and measure sparsity.
 
-    ``progress``: show a tqdm bar over the generated tokens of each run.
+    Args:
+        dense: the answer of the unmodified model, generated before ``sparsify`` (the real dense
+            baseline); None: generate it here with every site disabled (λ = 0).
+        progress: show a tqdm bar over the generated tokens of each run.
     """
     sites = sites_of(model)
     if not sites:
         raise ValueError("the model has no fxsparse attention sites to verify; sparsify it first")
-    warmup = Prompt(prompt.input_ids[:, :16], prompt.source, prompt.question)
-    generate(model, tokenizer, warmup, 1)  # first calls pay one-time costs; keep them out of the dense time
-    enabled = {name: site.enabled for name, site in sites.items()}
-    try:
-        for site in sites.values():
-            site.set_enabled(False)
-        dense = generate(model, tokenizer, prompt, max_new_tokens, "dense" if progress else None)
-    finally:
-        for name, site in sites.items():
-            site.set_enabled(enabled[name])
+    label = "the original model, before sparsify"
+    if dense is None:
+        label = "the rewritten model with every site disabled (λ = 0)"
+        enabled = {name: site.enabled for name, site in sites.items()}
+        try:
+            for site in sites.values():
+                site.set_enabled(False)
+            dense = generate(model, tokenizer, prompt, max_new_tokens, "dense" if progress else None)
+        finally:
+            for name, site in sites.items():
+                site.set_enabled(enabled[name])
+    # the sparse run's warm-up would add to the stats: warm up first, then reset and time
+    generate(model, tokenizer, Prompt(prompt.input_ids[:, :16], prompt.source, prompt.question), 1, warmup=False)
     for site in sites.values():
         site.reset_stats()
-    sparse = generate(model, tokenizer, prompt, max_new_tokens, "sparse" if progress else None)
-    return VerifyResult(prompt, dense, sparse, phase_sparsity(model))
-
+    sparse = generate(model, tokenizer, prompt, max_new_tokens, "sparse" if progress else None, warmup=False)
+    return VerifyResult(prompt, dense, sparse, phase_sparsity(model), label)

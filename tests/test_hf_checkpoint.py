@@ -228,3 +228,18 @@ def test_site_names_relative_to_another_root(tiny, tmp_path):
     group = json.loads((tmp_path / "out" / "config.json").read_text())[SPARSE_ATTENTION_KEY]["config_groups"]["group_0"]
     assert group["targets"] == ["LlamaAttention"]
     assert group["ignore"] == ["model.layers.0.self_attn"]
+
+
+def test_sparsify_without_config_restores_the_recorded_laws(tiny, tmp_path):
+    model, tokenizer = tiny
+    sites = attach_sites(model, {name: SiteConfig(br=64, bc=64, backend="pytorch") for name in SITE_NAMES})
+    for site in sites.values():
+        site.set_law(LAW, {"prefill": 0.5, "decode": 0.4})
+    export_hf(model, tmp_path / "out", tokenizer)
+
+    reloaded = fxsparse.sparsify(AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+    assert _state(sites_of(reloaded)) == _state(sites)
+    ids = torch.randint(0, 320, (1, 300))
+    with torch.no_grad():
+        reloaded(ids)
+    assert all(s.sparsity()["prefill"] is not None for s in sites_of(reloaded).values())
