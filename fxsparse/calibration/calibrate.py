@@ -1,0 +1,162 @@
+"""``calibrate``: prepare (samples, measuring mode) → run data → convert (fit, write the sites' buffers).
+
+Policy lives here (which samples, which targets, global or per-site law, fallbacks); the mechanism
+is in ``measure`` (counting) and ``fit`` (the law)::
+
+    model = fxsparse.sparsify(model, config)          # rewritten, sites in place
+    result = fxsparse.calibrate(model, SKIP_SOFTMAX_CALIB, tokenizer=tokenizer)
+    print(result.format())
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import CalibrationConfig, SparseAttentionConfig
+from ..sites import PHASE_ROWS, SparseSite, sites_of
+from .fit import LawFit, fit_law, law_points
+from .measure import Recorder, merge_decode, run_sample, trial_grid
+from .result import CalibrationResult, HeldoutRow
+from .samples import Sample, build_samples
+
+logger = logging.getLogger(__name__)
+
+
+def _calibration_config(config: Any) -> CalibrationConfig:
+    if isinstance(config, CalibrationConfig):
+        return config
+    if config is None:
+        return CalibrationConfig()
+    parsed = SparseAttentionConfig.from_dict(config)
+    return parsed.calibration if parsed.calibration is not None else CalibrationConfig()
+
+
+def _enabled_sites(model: nn.Module) -> dict[str, SparseSite]:
+    sites = {name: site for name, site in sites_of(model).items() if site.enabled}
+    if not sites:
+        raise ValueError("calibrate: the model has no enabled sparse attention sites; run fxsparse.sparsify(model, config) first")
+    return sites
+
+
+def _fit_phase(passes, phase, trials, target, site=None) -> tuple[LawFit | None, list[str]]:
+    law = fit_law(*law_points(passes, phase, trials, site))
+    where = "" if site is None else f" (site {site})"
+    if law is None:
+        return None, [f"{phase}{where}: too few measured points with sparsity in [0.1, 0.9] to fit a law"]
+    warnings = []
+    if not law.covers(target):
+        warnings.append(f"{phase}{where}: target {target:.2f} is outside the observed sparsity range "
+                        f"{law.observed_min:.2f}-{law.observed_max:.2f}; the law extrapolates")
+    return law, warnings
+
+
+def _write_laws(sites, laws, site_laws, targets) -> None:
+    for name, site in sites.items():
+        chosen = site_laws.get(name, laws)
+        law = {phase: {"a": fit.a, "b": fit.b} for phase, fit in chosen.items() if fit is not None}
+        site.set_law(law, targets)
+
+
+@torch.no_grad()
+def _heldout(model, sites, samples: list[Sample], cfg: CalibrationConfig, targets) -> list[HeldoutRow]:
+    """Run the calibrated (sparse) law on held-out samples; achieved sparsity per phase and bin."""
+    totals: dict[tuple[str, int], list[int]] = {}
+    for sample in tqdm(samples, desc="fxsparse held-out check", leave=False):
+        for site in sites.values():
+            site.reset_stats()
+        run_sample(model, sample.input_ids, cfg.chunk_size, cfg.decode_steps)
+        for phase, row in PHASE_ROWS.items():
+            valid = sum(int(s.stats[row, 0]) for s in sites.values())
+            skipped = sum(int(s.stats[row, 1]) for s in sites.values())
+            if valid:
+                entry = totals.setdefault((phase, sample.bin), [0, 0, 0])
+                entry[0] += skipped
+                entry[1] += valid
+                entry[2] += 1
+    for site in sites.values():
+        site.reset_stats()
+    return [HeldoutRow(phase, bin_size, targets[phase], skipped / valid, count)
+            for (phase, bin_size), (skipped, valid, count) in sorted(totals.items(), key=lambda kv: (kv[0][0] != "prefill", -kv[0][1]))]
+
+
+def calibrate(
+    model: nn.Module,
+    config: Mapping[str, Any] | SparseAttentionConfig | CalibrationConfig | None = None,
+    forward_loop: Callable[[nn.Module], Any] | None = None,
+    tokenizer=None,
+    trials: torch.Tensor | None = None,
+) -> CalibrationResult:
+    """Fit ``λ = a·exp(b·S)/L`` per phase (and per site when ``per_site``) and write it into the sites.
+
+    Args:
+        model: a model rewritten by ``fxsparse.sparsify`` (its ``SparseSite`` modules are found by
+            ``fxsparse.sites_of``); it is called as a HuggingFace causal LM.
+        config: a sparse config with a ``calibration`` section (or a ``CalibrationConfig``).
+        forward_loop: ``forward_loop(model)`` runs the user's own data instead of the RULER samples;
+            every forward call is measured (decode is measured only if the loop decodes).
+        tokenizer: the model's tokenizer, to build the RULER-style samples (needed without forward_loop,
+            and for the held-out check).
+        trials: the trial λ grid (default 40 log-spaced values in [1e-6, 0.99]).
+    Returns:
+        a ``CalibrationResult``; ``result.format()`` is a summary table.
+    """
+    start = time.perf_counter()
+    cfg = _calibration_config(config)
+    sites = _enabled_sites(model)
+    targets = cfg.target_sparse_ratio.to_dict()
+    trials = trial_grid() if trials is None else trials
+    if forward_loop is None and tokenizer is None:
+        raise ValueError("calibrate: pass tokenizer= (to build the calibration samples) or forward_loop=")
+    was_training = model.training
+    model.eval()
+
+    # -- prepare: samples (the last heldout_samples of them are kept out of the fit) --
+    samples: list[Sample] = []
+    if tokenizer is not None:
+        count = (0 if forward_loop else cfg.samples) + cfg.heldout_samples
+        samples = build_samples(tokenizer, count, cfg.max_seqlen, seed=cfg.seed, data_dir=cfg.data_dir) if count else []
+    split = len(samples) - cfg.heldout_samples if tokenizer is not None else 0
+    fit_samples, heldout_samples = samples[:split], samples[split:]
+
+    # -- run data: every forward call under measuring mode becomes one pass per phase --
+    with torch.no_grad(), Recorder(model, sites, trials) as recorder:
+        if forward_loop is not None:
+            forward_loop(model)
+        for index, sample in enumerate(tqdm(fit_samples, desc="fxsparse calibration", leave=False)):
+            recorder.sample = index
+            run_sample(model, sample.input_ids, cfg.chunk_size, cfg.decode_steps)
+    passes = merge_decode(recorder.passes)
+    trial_values = trials.tolist()
+
+    # -- convert: fit, write the buffers, check on held-out samples --
+    laws, warnings = {}, []
+    for phase in PHASE_ROWS:
+        laws[phase], notes = _fit_phase(passes, phase, trial_values, targets[phase])
+        warnings += notes
+    site_laws: dict[str, dict[str, LawFit]] = {}
+    if cfg.per_site:
+        for index, name in enumerate(sites):
+            own = {}
+            for phase in PHASE_ROWS:
+                law, notes = _fit_phase(passes, phase, trial_values, targets[phase], site=index)
+                own[phase] = law if law is not None else laws[phase]
+                warnings += [f"{n}; using the model-wide law" for n in notes if law is None]
+            site_laws[name] = {p: law for p, law in own.items() if law is not None}
+    if all(law is None for law in laws.values()) and not site_laws:
+        raise RuntimeError("calibrate: no phase could be fitted; " + "; ".join(warnings))
+    _write_laws(sites, laws, site_laws, targets)
+    for warning in warnings:
+        logger.warning("calibration: %s", warning)
+
+    heldout = _heldout(model, sites, heldout_samples, cfg, targets) if heldout_samples else []
+    model.train(was_training)
+    result = CalibrationResult(laws, targets, cfg.per_site, len(fit_samples), len(passes), trial_values,
+                               time.perf_counter() - start, site_laws, heldout, warnings)
+    logger.info("%s", result.format())
+    return result

@@ -1,0 +1,84 @@
+"""Fit of the threshold law ``sf = λ·L = a·exp(b·S)`` from measured (λ, L, S) points.
+
+Every measured pass gives, for each trial λ_t, a point ``(sf = λ_t·Lk, S = skipped_t / valid)``.
+Points with S in [0.1, 0.9] are fitted by least squares of ``ln sf = ln a + b·S``; the law then
+sets ``λ = a·exp(b·S_target) / Lk`` at run time::
+
+    sf, s = law_points(passes, "prefill", trials)
+    law = fit_law(sf, s)           # LawFit(a, b, r2, points, observed_min, observed_max)
+    law.threshold(0.5, kv_len=4096)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .measure import Pass
+
+FIT_RANGE = (0.1, 0.9)
+
+
+@dataclass(frozen=True)
+class LawFit:
+    """``sf = a·exp(b·S)`` with its goodness of fit and the sparsity range the data covered."""
+
+    a: float
+    b: float
+    r2: float
+    points: int
+    observed_min: float
+    observed_max: float
+
+    def scale_factor(self, sparsity: float) -> float:
+        return self.a * math.exp(self.b * sparsity)
+
+    def threshold(self, sparsity: float, kv_len: int) -> float:
+        return self.scale_factor(sparsity) / kv_len
+
+    def covers(self, sparsity: float) -> bool:
+        return self.observed_min <= sparsity <= self.observed_max
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def law_points(
+    passes: Sequence[Pass], phase: str, trials: Sequence[float], site: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sf, S) for every pass of ``phase`` and trial; S over all sites, or over ``site`` only."""
+    trials = np.asarray(trials, dtype=np.float64)
+    sf, sparsity = [], []
+    for p in passes:
+        if p.phase != phase:
+            continue
+        valid = p.valid.sum() if site is None else p.valid[site]
+        skipped = p.skipped.sum(0) if site is None else p.skipped[site]
+        if valid <= 0:
+            continue
+        sf.append(trials * p.kv_len)
+        sparsity.append(skipped / valid)
+    if not sf:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(sf), np.concatenate(sparsity)
+
+
+def fit_law(sf: np.ndarray, sparsity: np.ndarray, fit_range: tuple[float, float] = FIT_RANGE) -> LawFit | None:
+    """Least squares of ln sf on S over points with S in ``fit_range``; None when they cannot fix a law."""
+    sf, sparsity = np.asarray(sf, np.float64), np.asarray(sparsity, np.float64)
+    if sparsity.size == 0:
+        return None
+    keep = (sparsity >= fit_range[0]) & (sparsity <= fit_range[1]) & (sf > 0)
+    x, y = sparsity[keep], np.log(sf[keep])
+    if x.size < 3 or np.ptp(x) < 1e-6:
+        return None
+    b, log_a = np.polyfit(x, y, 1)
+    residual = y - (log_a + b * x)
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - float((residual**2).sum() / total) if total > 0 else 0.0
+    if not b > 0:
+        return None  # sparsity must grow with the threshold; a flat or falling law is noise
+    return LawFit(float(math.exp(log_a)), float(b), r2, int(x.size), float(sparsity.min()), float(sparsity.max()))

@@ -1,0 +1,87 @@
+"""What calibration returns: the fitted laws, the held-out check, warnings and timing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .fit import LawFit
+
+
+@dataclass
+class HeldoutRow:
+    """Sparsity the calibrated law achieved on held-out samples of one phase and length bin."""
+
+    phase: str
+    bin: int
+    target: float
+    achieved: float
+    samples: int
+
+    @property
+    def error(self) -> float:
+        return self.achieved - self.target
+
+
+@dataclass
+class CalibrationResult:
+    """Result of ``fxsparse.calibrate``.
+
+    Attributes:
+        laws: the model-wide law per phase (fitted in both modes; written to the sites unless per_site).
+        site_laws: per site and phase, the law written to that site (per_site mode only).
+        targets: target sparsity per phase.
+        heldout: achieved vs target per phase and length bin on held-out samples.
+        warnings: targets outside the observed range, phases or sites left uncalibrated.
+    """
+
+    laws: dict[str, LawFit | None]
+    targets: dict[str, float]
+    per_site: bool
+    num_samples: int
+    num_passes: int
+    trials: list[float]
+    seconds: float
+    site_laws: dict[str, dict[str, LawFit]] = field(default_factory=dict)
+    heldout: list[HeldoutRow] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "laws": {p: (law.to_dict() if law else None) for p, law in self.laws.items()},
+            "targets": dict(self.targets),
+            "per_site": self.per_site,
+            "site_laws": {s: {p: law.to_dict() for p, law in laws.items()} for s, laws in self.site_laws.items()},
+            "heldout": [{**vars(row), "error": row.error} for row in self.heldout],
+            "num_samples": self.num_samples,
+            "num_passes": self.num_passes,
+            "trials": list(self.trials),
+            "seconds": self.seconds,
+            "warnings": list(self.warnings),
+        }
+
+    def format(self) -> str:
+        """A plain-text summary table."""
+        mode = "per site" if self.per_site else "one law for all sites"
+        lines = [f"calibration: {self.num_samples} samples, {self.num_passes} measured passes, "
+                 f"{len(self.trials)} trial thresholds, {mode}, {self.seconds:.1f} s",
+                 f"{'phase':<8} {'target':>6} {'a':>11} {'b':>8} {'R^2':>6} {'points':>6} {'observed S':>13}"]
+        for phase, law in self.laws.items():
+            target = self.targets.get(phase, float("nan"))
+            if law is None:
+                lines.append(f"{phase:<8} {target:>6.2f}  not calibrated (no usable points)")
+                continue
+            lines.append(f"{phase:<8} {target:>6.2f} {law.a:>11.4g} {law.b:>8.3f} {law.r2:>6.3f} {law.points:>6d} "
+                         f"{law.observed_min:>6.2f}-{law.observed_max:<6.2f}")
+        if self.site_laws:
+            lines.append(f"per-site laws ({len(self.site_laws)} sites):")
+            for site, laws in self.site_laws.items():
+                text = "  ".join(f"{p}: a={law.a:.4g} b={law.b:.3f} R^2={law.r2:.2f}" for p, law in laws.items())
+                lines.append(f"  {site}: {text}")
+        if self.heldout:
+            lines.append("held-out check (achieved sparsity of the calibrated law):")
+            lines.append(f"  {'phase':<8} {'bin':>6} {'target':>6} {'achieved':>8} {'error':>6} {'samples':>7}")
+            for row in self.heldout:
+                lines.append(f"  {row.phase:<8} {row.bin:>6d} {row.target:>6.2f} {row.achieved:>8.3f} "
+                             f"{row.error:>+6.3f} {row.samples:>7d}")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)

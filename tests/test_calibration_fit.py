@@ -1,0 +1,78 @@
+"""The law fit sf = a·exp(b·S): recovery from synthetic points, point extraction, decode merging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fxsparse.calibration.fit import fit_law, law_points
+from fxsparse.calibration.measure import Pass, merge_decode, trial_grid
+
+
+def test_fit_recovers_a_and_b_from_synthetic_points():
+    rng = np.random.default_rng(0)
+    a, b = 3.5, 9.0
+    sparsity = rng.uniform(0.0, 1.0, 400)
+    sf = a * np.exp(b * sparsity) * np.exp(rng.normal(0.0, 0.05, sparsity.size))
+    outside = (sparsity < 0.1) | (sparsity > 0.9)
+    sf[outside] *= 50.0  # points outside [0.1, 0.9] are garbage and must be ignored
+    law = fit_law(sf, sparsity)
+    assert law.a == pytest.approx(a, rel=0.05)
+    assert law.b == pytest.approx(b, rel=0.02)
+    assert law.r2 > 0.99
+    assert law.points == int((~outside).sum())
+    assert law.observed_min == pytest.approx(sparsity.min()) and law.observed_max == pytest.approx(sparsity.max())
+    assert law.threshold(0.5, kv_len=1000) == pytest.approx(law.a * np.exp(law.b * 0.5) / 1000)
+    assert law.covers(0.5) and not law.covers(1.5)
+
+
+def test_fit_recovers_exactly_without_noise():
+    sparsity = np.linspace(0.12, 0.88, 20)
+    law = fit_law(0.02 * np.exp(12.0 * sparsity), sparsity)
+    assert law.a == pytest.approx(0.02, rel=1e-9) and law.b == pytest.approx(12.0, rel=1e-9)
+    assert law.r2 == pytest.approx(1.0)
+
+
+def test_fit_refuses_unusable_points():
+    assert fit_law(np.zeros(0), np.zeros(0)) is None
+    assert fit_law(np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.05, 0.95])) is None  # none in range
+    assert fit_law(np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.5, 0.5])) is None  # no spread
+    assert fit_law(np.array([3.0, 2.0, 1.0]), np.array([0.2, 0.5, 0.8])) is None  # falling: not a law
+
+
+def _pass(phase, sample, kv_len, valid, skipped):
+    return Pass(phase, sample, kv_len, np.array(valid), np.array(skipped))
+
+
+def test_law_points_global_and_per_site():
+    trials = [0.01, 0.1]
+    passes = [
+        _pass("prefill", 0, 1000.0, [10, 30], [[1, 5], [3, 15]]),
+        _pass("decode", 0, 1001.0, [4, 4], [[0, 4], [2, 4]]),
+    ]
+    sf, s = law_points(passes, "prefill", trials)
+    assert np.allclose(sf, [10.0, 100.0]) and np.allclose(s, [4 / 40, 20 / 40])
+    sf, s = law_points(passes, "prefill", trials, site=0)
+    assert np.allclose(s, [0.1, 0.5])
+    sf, s = law_points(passes, "decode", trials, site=1)
+    assert np.allclose(sf, [10.01, 100.1]) and np.allclose(s, [0.5, 1.0])
+
+
+def test_merge_decode_sums_steps_per_sample():
+    passes = [
+        _pass("prefill", 0, 100.0, [5], [[1]]),
+        _pass("decode", 0, 101.0, [2], [[1]]),
+        _pass("decode", 0, 103.0, [2], [[2]]),
+        _pass("decode", 1, 50.0, [3], [[0]]),
+    ]
+    merged = merge_decode(passes)
+    decode = sorted((p for p in merged if p.phase == "decode"), key=lambda p: p.sample)
+    assert [p.kv_len for p in decode] == [102.0, 50.0]
+    assert decode[0].valid.tolist() == [4] and decode[0].skipped.tolist() == [[3]]
+    assert sum(p.phase == "prefill" for p in merged) == 1
+
+
+def test_trial_grid():
+    grid = trial_grid()
+    assert len(grid) == 40 and float(grid[0]) == pytest.approx(1e-6) and float(grid[-1]) == pytest.approx(0.99)
+    assert bool((grid[1:] > grid[:-1]).all())
