@@ -158,9 +158,11 @@ def test_mask_summary_is_cached_and_follows_in_place_edits():
 
 # -- decode: Lq = 1, split-K, GQA packing, batch with different KV lengths --
 @here
+@pytest.mark.parametrize("waves", [8, 0])  # 0: a single split walks every tile (the prefix scan is empty)
 @pytest.mark.parametrize("lam", [0.0, 0.2, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_matches_reference(lam, dtype):
+def test_decode_matches_reference(lam, dtype, waves, monkeypatch):
+    monkeypatch.setattr(triton_attention, "DECODE_WAVES", waves)
     q, k, v = _inputs(3, 8, 2, 1, 150, 32, dtype, seed=11)
     lengths = torch.tensor([150, 61, 1])
     keep = (torch.arange(150)[None, :] < lengths[:, None])[:, None, None, :].to(DEVICE)
@@ -252,10 +254,15 @@ def test_gpu_dense_matches_sdpa_and_compiles():
 
     q, k, v = _inputs(1, 8, 8, 2048, 2048, 128, torch.bfloat16, seed=31)
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
-    from fxsparse.ops import skip_softmax_attention
+    state = make_threshold_state(0.0, device="cuda")
 
-    out = skip_softmax_attention(q, k, v, is_causal=True, threshold=0.0, backend="triton")
+    def attend(q, k, v, state):
+        return torch.ops.fxsparse.skip_softmax_attention(q, k, v, None, True, 128**-0.5, state, 128, 128, "triton",
+                                                         None, None)
+
+    out = attend(q, k, v, state)
     assert ((out.double() - expected).norm() / expected.norm()) < 1e-2
-    compiled = torch.compile(lambda q, k, v: skip_softmax_attention(q, k, v, is_causal=True, threshold=0.0,
-                                                                   backend="triton"), fullgraph=True)
-    assert torch.allclose(compiled(q, k, v), out)
+    compiled = torch.compile(attend, fullgraph=True)
+    assert torch.equal(compiled(q, k, v, state), out)
+    state.copy_(make_threshold_state(0.5, device="cuda"))  # a new λ reaches the compiled kernel as data
+    assert torch.equal(compiled(q, k, v, state), attend(q, k, v, state))

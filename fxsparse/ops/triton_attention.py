@@ -285,6 +285,7 @@ def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase_of(1), num_trials, stats_cols,
         VALUE_DIM=value_dim, DV_PAD=dv_pad, BLOCK_G=block_g, BLOCK_N=block_n, PREFIX_CHUNK=256,
+        TILES_PAD=_pow2(tiles_per_split, 2),
         T_PAD=_pow2(num_trials, 2), COUNT_MODE=count_mode, DEBUG=decisions_out is not None,
         DOT_PRECISION=precision, num_warps=num_warps, num_stages=3,
     )

@@ -90,7 +90,7 @@ def _attend_tiles(
                 qk = tl.where(allowed, qk, float("-inf"))
             if MASK_KIND != 0:
                 partial = (offs_m[:, None] * 0 + offs_n[None, :] * 0 + kind) == 1  # broadcast first (interpreter)
-                mask_ptrs = mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+                mask_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
                 in_bounds = row_ok[:, None] & n_ok[None, :]
                 if MASK_KIND == 1:  # bool, stored as uint8: nonzero = attend
                     attend = tl.load(mask_ptrs, mask=in_bounds & partial, other=1) != 0
@@ -180,8 +180,8 @@ def prefill_kernel(
     """Grid (cdiv(Lq, BLOCK_M), B·Hq): the heaviest (last) causal query tiles start first."""
     tile_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
+    b = (bh // num_heads).to(tl.int64)  # 64-bit offsets: B·H·L·D passes 2^31 at long context
+    h = (bh % num_heads).to(tl.int64)
     h_kv = h // group  # GQA: never a repeat of K/V
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
