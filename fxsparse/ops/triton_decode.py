@@ -132,14 +132,20 @@ def decode_attend_kernel(
     m_before = tl.maximum(tl.associative_scan(m_before, 1, _maximum), m_i[:, None])  # max over all earlier tiles
     gaps = tl.where(m_tiles == float("-inf"), float("-inf"), tl.where(m_before == float("-inf"), float("inf"), m_tiles - m_before))
     m_after = tl.maximum(m_before, m_tiles)
+    valid_tiles = in_split & (gaps > float("-inf"))
     if DEBUG:
-        keeps = in_split & (gaps > float("-inf")) & (gaps >= log_lam2)
+        keeps = valid_tiles & (gaps >= log_lam2)
         tl.store(dec_ptr + b * stride_db + heads[:, None] * stride_dh + tiles[None, :], keeps.to(tl.int8), mask=in_split)
+    if COUNT_MODE != 0:  # whole-split counts, one trial at a time (no reductions carried through the loop)
+        stats_row = stats_ptr + phase * stats_cols
+        tl.atomic_add(stats_row, tl.sum(tl.sum(valid_tiles.to(tl.int32), 1), 0).to(tl.int64))
+        for t in range(0, num_trials):
+            trial = tl.sum(tl.where(offs_t == t, trials2, 0.0), 0)
+            skipped = tl.sum(tl.sum((valid_tiles & (gaps < trial)).to(tl.int32), 1), 0)
+            tl.atomic_add(stats_row + 1 + t, skipped.to(tl.int64))
 
-    l_i = tl.zeros([BLOCK_G], tl.float32)
+    l_tile = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)  # row sums reduced after the loop, not in it
     acc = tl.zeros([BLOCK_G, DV_PAD], tl.float32)
-    n_valid = tl.zeros([], tl.int32)
-    counts = tl.zeros([T_PAD], tl.int32)
     for j in range(0, tile_hi - tile_lo):
         offs_n = (tile_lo + j) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_len
@@ -147,11 +153,7 @@ def decode_attend_kernel(
         this_tile = offs_j[None, :] == j
         gap = tl.max(tl.where(this_tile, gaps, float("-inf")), 1)
         m_new = tl.max(tl.where(this_tile, m_after, float("-inf")), 1)
-        valid = g_ok & (gap > float("-inf"))
-        keep = valid & (gap >= log_lam2)
-        if COUNT_MODE != 0:
-            n_valid += tl.sum(valid.to(tl.int32))
-            counts += tl.sum((valid[:, None] & (gap[:, None] < trials2[None, :])).to(tl.int32), 0)
+        keep = g_ok & (gap > float("-inf")) & (gap >= log_lam2)
 
         # -- online softmax over the kept tiles of each row --
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -163,19 +165,16 @@ def decode_attend_kernel(
             v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
             mask=(any_keep & n_ok)[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0,
         )
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_tile = l_tile * alpha[:, None] + p
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
+    l_i = tl.sum(l_tile, 1)
 
     # -- partial result of this split, relative to its own reference max --
     part = b * stride_pb + heads * stride_ph + split * stride_ps
     tl.store(part_acc_ptr + part[:, None] * DV_PAD + offs_dv[None, :], acc, mask=g_ok[:, None])
     tl.store(part_l_ptr + part, l_i, mask=g_ok)
     tl.store(part_m_ptr + part, m_i, mask=g_ok)  # −inf: this split attends nothing
-    if COUNT_MODE != 0:
-        stats_row = stats_ptr + phase * stats_cols
-        tl.atomic_add(stats_row, n_valid.to(tl.int64))
-        tl.atomic_add(stats_row + 1 + offs_t, counts.to(tl.int64), mask=offs_t < num_trials)
 
 
 @triton.jit
