@@ -266,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"found {len(sites)} attention sites ({enabled} enabled); applied {applied}", file=out)
 
     if calibration is not None:
-        note = "" if args.device.type == "cuda" else " (CPU defaults: fewer and shorter samples so it takes minutes)"
+        cpu_defaults = args.device.type != "cuda" and (args.calib_samples is None or args.calib_max_seqlen is None)
+        note = " (CPU defaults: fewer and shorter samples, so that it takes minutes)" if cpu_defaults else ""
         print(f"calibrating: {calibration['samples']} samples up to {calibration['max_seqlen']} tokens + "
               f"{calibration['heldout_samples']} held out, target {calibration['target_sparse_ratio']}{note}", file=out)
         try:
@@ -283,6 +284,9 @@ def run(args: argparse.Namespace) -> int:
 
         result = verify(model, tokenizer, prompt, args.max_new_tokens, progress=True, dense=dense)
         print(result.format(), file=out)
+        if args.backend == "pytorch":
+            print("note: backend pytorch is the exact reference implementation (the correctness oracle), not a fast "
+                  "kernel; the time it saves needs --backend triton on a GPU", file=out)
 
     print(fxsparse.summary(model, file=None), file=out)
     if args.export_dir is not None:
@@ -301,7 +305,8 @@ def _one_line(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fxsparse").setLevel(logging.DEBUG if debug else logging.WARNING)
     try:
         args = build_parser().parse_args(argv)
     except CLIError as error:

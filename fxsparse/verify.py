@@ -30,6 +30,7 @@ NEEDLE_ANSWER = "48613"
 NEEDLE = f" The special magic number for the blue lighthouse is {NEEDLE_ANSWER}. "
 NEEDLE_QUESTION = "What is the special magic number for the blue lighthouse mentioned in the document?"
 NARRATIVEQA = "deepmind/narrativeqa"
+WARMUP_TOKENS, WARMUP_NEW_TOKENS = 16, 4  # untimed run before each timed one: prefill and decode graphs
 
 
 @dataclass
@@ -215,8 +216,8 @@ def generate(model: nn.Module, tokenizer, prompt: Prompt, max_new_tokens: int, p
 
     Args:
         progress: a label for a tqdm bar over the new tokens (None: no bar).
-        warmup: first run a 16-token prompt for one token, untimed, so one-time costs (first calls,
-            graph capture) stay out of the time.
+        warmup: first run a 16-token prompt for a few tokens, untimed, so one-time costs (first
+            calls, graph captures of prefill and decode) stay out of the time.
     """
     device = next(model.parameters()).device
     input_ids = prompt.input_ids.to(device)
@@ -224,8 +225,8 @@ def generate(model: nn.Module, tokenizer, prompt: Prompt, max_new_tokens: int, p
     kwargs = {"do_sample": False, "pad_token_id": pad}
     with torch.no_grad():
         if warmup:
-            short = input_ids[:, :16]
-            model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=1, **kwargs)
+            short = input_ids[:, :WARMUP_TOKENS]
+            model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=WARMUP_NEW_TOKENS, **kwargs)
         streamer = _TokenBar(progress, max_new_tokens) if progress else None
         start = time.perf_counter()
         output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
@@ -261,7 +262,8 @@ def verify(model: nn.Module, tokenizer, prompt: Prompt, max_new_tokens: int, pro
             for name, site in sites.items():
                 site.set_enabled(enabled[name])
     # the sparse run's warm-up would add to the stats: warm up first, then reset and time
-    generate(model, tokenizer, Prompt(prompt.input_ids[:, :16], prompt.source, prompt.question), 1, warmup=False)
+    warmup = Prompt(prompt.input_ids[:, :WARMUP_TOKENS], prompt.source, prompt.question)
+    generate(model, tokenizer, warmup, WARMUP_NEW_TOKENS, warmup=False)
     for site in sites.values():
         site.reset_stats()
     sparse = generate(model, tokenizer, prompt, max_new_tokens, "sparse" if progress else None, warmup=False)
