@@ -107,7 +107,7 @@ def _warm_up(model: nn.Module) -> None:
     """One short forward: Dynamo captures, the backend creates the sites. Backend errors (a config
     pattern matching no site) surface as themselves, not wrapped by Dynamo."""
     device = next(iter(model.parameters())).device
-    ids = torch.full((1, WARM_UP_LENGTH), 1, dtype=torch.long, device=device)
+    ids = torch.full((2, WARM_UP_LENGTH), 1, dtype=torch.long, device=device)  # batch 2: no 0/1 specialisation
     try:
         with torch.no_grad():
             model(ids)

@@ -55,6 +55,9 @@ class SiteCompiler:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **_) -> Callable:
         self.compiles += 1
         frame_root, prefix = self._frame_root(gm)
+        if self.inductor:
+            _check_inference(example_inputs)
+            gm = _detached_copy(gm)
         graph_sites: dict[str, SparseSite] = {}
 
         def configure(names: list[str]) -> dict[str, SiteConfig]:
@@ -139,6 +142,7 @@ class _GraphInputs:
                 for buffer in SITE_BUFFERS:
                     node = graph.placeholder(f"fxsparse_site_{len(self.nodes)}_{buffer}")
                     node.meta["example_value"] = getattr(site, buffer)
+                    node._dynamo_source = None  # not a user input; AOT autograd asks every placeholder
                     self.nodes[name][buffer], self.sources[node] = node, (site, buffer)
         nodes = self.nodes[name]
         stats = nodes["stats"] if config.collect_stats else None
@@ -152,12 +156,29 @@ class _GraphInputs:
         compiled = compile_fx(self.gm, example_inputs + [getattr(site, b) for site, b in fetch])
 
         def run(*args):
-            extra = [getattr(site, buffer) for site, buffer in fetch]
-            if getattr(compiled, "_boxed_call", False):
-                return compiled([*args, *extra])
-            return compiled(*args, *extra)
+            return compiled(*args, *(getattr(site, buffer) for site, buffer in fetch))
 
         return run
+
+
+def _check_inference(example_inputs) -> None:
+    """AOT autograd would trace a backward, and the op has none: say so instead of failing deep inside."""
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs):
+        raise ValueError(
+            "fxsparse with Inductor compiles inference only (the sparse op has no backward); "
+            "run under torch.no_grad() / torch.inference_mode(), or pass options={'inductor': False}"
+        )
+
+
+def _detached_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of Dynamo's graph to add inputs to: Dynamo still walks its own graph's placeholders
+    after the backend returns. AOT autograd reads ``_dynamo_source`` from each placeholder."""
+    graph, copies = torch.fx.Graph(), {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    for node, copy in copies.items():
+        if node.op == "placeholder":
+            copy._dynamo_source = getattr(node, "_dynamo_source", None)
+    return torch.fx.GraphModule(gm, graph)
 
 
 def _root_expression(gm) -> str | None:

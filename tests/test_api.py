@@ -1,0 +1,160 @@
+"""``fxsparse.sparsify`` on tiny HuggingFace models: sites, exact logits and greedy tokens at λ = 0,
+sparsity at λ > 0, steering without recompiling, summary and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxsparse
+from fxsparse.config import SKIP_SOFTMAX_DEFAULT
+from models import ARCHITECTURES, ATTENTION_IMPLEMENTATIONS, left_padded, random_ids, tiny_model
+
+STATIC_CACHE_ARCHITECTURES = ("llama", "gpt2")  # the static cache path is model-independent HF code
+DENSE = {"sparse_cfg": {"*attn*": {"threshold": 0.0, "br": 16, "bc": 16, "backend": "pytorch"}}}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+
+
+def greedy(model, ids, mask, **kwargs):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.no_grad()
+def test_sparsify_at_zero_threshold_equals_dense(arch, impl):
+    dense, model = tiny_model(arch, impl), tiny_model(arch, impl)
+    ids, mask = left_padded(2, 40, pad=5)
+    expected = dense(input_ids=ids, attention_mask=mask).logits
+    caches = (None, "static") if arch in STATIC_CACHE_ARCHITECTURES else (None,)
+    expected_tokens = {cache: greedy(dense, ids, mask, cache_implementation=cache) for cache in caches}
+    state = copy.deepcopy(model.state_dict())
+
+    fxsparse.sparsify(model, DENSE)
+
+    assert len(fxsparse.sites_of(model)) == model.config.num_hidden_layers
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()  # padded query rows: HF attends uniformly, the op outputs 0
+    assert (logits[valid] - expected[valid]).abs().max() < 1e-4
+    for cache, tokens in expected_tokens.items():
+        assert torch.equal(greedy(model, ids, mask, cache_implementation=cache), tokens), cache
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def sharpened_llama(impl: str):
+    """Random weights give near-uniform attention; larger q/k projections give peaked scores.
+    Even so, random scores only skip whole 16-row tiles for λ ≳ 1 (SPEC §9), hence λ = 2 below."""
+    model = tiny_model("llama", impl)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLEMENTATIONS)
+@torch.no_grad()
+def test_positive_threshold_skips_tiles_in_prefill_and_decode(impl):
+    model = sharpened_llama(impl)
+    config = {"sparse_cfg": {"*attn*": {"threshold": 2.0, "br": 16, "bc": 16, "backend": "pytorch"}}}
+    fxsparse.sparsify(model, config)
+    fxsparse.reset_stats(model)
+    ids, mask = left_padded(2, 96, pad=7)
+    greedy(model, ids, mask)
+    for name, phases in fxsparse.get_stats(model).items():
+        for phase in ("prefill", "decode"):
+            assert phases[phase]["valid"] > 0 and phases[phase]["sparsity"] > 0, (name, phase, phases)
+    table = fxsparse.summary(model, file=None)
+    assert "model.layers.1.self_attn" in table and "λ=2" in table
+
+
+@torch.no_grad()
+def test_steering_changes_outputs_without_recompiling():
+    model = sharpened_llama("sdpa")
+    fxsparse.sparsify(model, DENSE)
+    ids = random_ids(2, 64)
+    dense = model(ids).logits
+    compiles = model.fxsparse_compiler.compiles
+
+    fxsparse.set_threshold(model, 2.0)
+    sparse = model(ids).logits
+    fxsparse.disable_sparsity(model, "*layers.1*")
+    half = model(ids).logits
+    fxsparse.disable_sparsity(model)
+    disabled = model(ids).logits
+    fxsparse.enable_sparsity(model)
+    enabled = model(ids).logits
+
+    assert model.fxsparse_compiler.compiles == compiles
+    assert not torch.allclose(sparse, dense) and not torch.allclose(half, sparse)
+    torch.testing.assert_close(disabled, dense)
+    torch.testing.assert_close(enabled, sparse)
+
+
+@torch.no_grad()
+def test_measuring_swaps_buffers_without_recompiling():
+    """Calibration replaces ``stats`` by a wider tensor; the graph must read the new one."""
+    model = sharpened_llama("eager")
+    fxsparse.sparsify(model, DENSE)
+    ids = random_ids(1, 64)
+    model(ids)
+    compiles = model.fxsparse_compiler.compiles
+    site = fxsparse.sites_of(model)["model.layers.0.self_attn"]
+    with site.measuring(torch.tensor([0.5, 2.0, 8.0])):
+        model(ids)
+        counts = site.stats.clone()
+    assert counts.shape == (2, 4) and counts[0, 0] > 0
+    assert counts[0, 1] <= counts[0, 2] <= counts[0, 3] and counts[0, 3] > 0
+    assert model.fxsparse_compiler.compiles == compiles
+
+
+def test_seed_import_path_and_default_config():
+    import fxsparse.attention_sparsity as mtsa
+    from fxsparse.attention_sparsity.config import SKIP_SOFTMAX_CALIB, SKIP_SOFTMAX_DEFAULT as DEFAULT
+
+    assert DEFAULT is SKIP_SOFTMAX_DEFAULT and "calibration" in SKIP_SOFTMAX_CALIB["sparse_cfg"]
+    model = mtsa.sparsify(tiny_model("qwen2", "sdpa"), config=DEFAULT)
+    site = mtsa.get_stats(model) and fxsparse.sites_of(model)["model.layers.0.self_attn"]
+    assert site.thresholds() == pytest.approx({"prefill": 1e-3, "decode": 1e-4})
+
+
+def test_pattern_matching_no_site_lists_the_sites():
+    model = tiny_model("llama", "eager")
+    config = {"sparse_cfg": {"*attn*": {"threshold": 0.0}, "*mlp*": {"enable": False}}}
+    with pytest.raises(ValueError, match=r"'\*mlp\*' matches no attention site.*model.layers.0.self_attn"):
+        fxsparse.sparsify(model, config)
+    assert not fxsparse.sites_of(model) and "forward" not in vars(model)
+    with pytest.raises(ValueError, match="matches no attention site"):
+        fxsparse.sparsify(model, DENSE) and fxsparse.set_threshold(model, 0.1, "lm_head")
+
+
+class NoAttention(nn.Module):
+    """HF-shaped (config, main_input_name) but attention-free."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self):
+        super().__init__()
+        self.config = object()
+        self.embed = nn.Embedding(100, 8)
+
+    def forward(self, input_ids):
+        return self.embed(input_ids).softmax(-1).sum(-1)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [(NoAttention(), "no attention found in NoAttention"), (nn.Linear(2, 2), "needs a HuggingFace PreTrainedModel")],
+)
+def test_unsupported_models_fail_with_one_clear_line(model, message):
+    with pytest.raises(ValueError, match=message) as error:
+        fxsparse.sparsify(model, DENSE)
+    assert "\n" not in str(error.value)
