@@ -10,8 +10,8 @@ The program is unlifted (``ep.module()``), each site's buffers are attached as p
 rewritten module is exported again with the original inputs and the original dynamic dims.
 Re-exporting lets torch.export do the bookkeeping: the buffers become BUFFER inputs of the graph
 signature and entries of ``state_dict``, and the op's in-place ``stats`` update becomes a
-functional op plus a buffer mutation. Match before ``run_decompositions`` where possible: it turns
-SDPA into its math form on CPU (left dense), while the eager chain's bmm form is still matched.
+functional op plus a buffer mutation (once decomposed). Both IRs match: before
+``run_decompositions`` (matmul, SDPA nodes) and after (bmm/view/expand; SDPA's math form on CPU).
 """
 
 from __future__ import annotations

@@ -62,8 +62,9 @@ def test_threshold_buffers_steer_and_survive_save_load(impl, tmp_path):
     assert loaded.state_dict[state][0, 1] == 1e3
 
 
-def test_transform_after_run_decompositions_eager():
-    model = tiny_model("qwen2", "eager")
+@pytest.mark.parametrize("impl", ATTENTION_IMPLEMENTATIONS)
+def test_transform_after_run_decompositions(impl):
+    model = tiny_model("qwen2", impl)
     sparse = fxsparse.transform(export(model).run_decompositions(), DENSE)
     ids, mask = left_padded(2, 30, pad=0)
     torch.testing.assert_close(logits(sparse, ids, mask), logits(model, ids, mask), atol=1e-4, rtol=1e-4)

@@ -5,6 +5,8 @@ Two forms are recognised, each described once, next to the checks that guard it:
     eager chain   s = matmul(q, kᵀ) [* scale | / d] [+ mask]    (or view ∘ bmm ∘ view/expand)
                   p = softmax(s, dim=-1 [, dtype]) [.to()] [dropout(p=0 | eval)] [.to()]
                   out = matmul(p, v)                              (or view ∘ bmm ∘ view/expand)
+                  SDPA's decomposed math form is this chain too: q and kᵀ each scaled by √scale,
+                  and a safe softmax (all −inf rows → 0, as in the op)
     fused         out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal,
                   scale, enable_gqa) and its flash / efficient / cuDNN / CPU-flash ATen variants
 
@@ -235,6 +237,10 @@ def _probs_to_output(softmax: Node, pattern: list[Node]) -> tuple[Node, Node] | 
         users = users_of(node)
         if not users:
             return None
+        safe = _safe_softmax_select(node, users, pattern) if len(users) == 2 else None
+        if safe is not None:
+            node = safe
+            continue
         if len(users) > 1:
             if any(_probs_to_output(u, []) is not None or is_op(u, MATMULS) for u in users):
                 raise ValueError("the attention probabilities are also used elsewhere (e.g. output_attentions)")
@@ -255,6 +261,25 @@ def _probs_to_output(softmax: Node, pattern: list[Node]) -> tuple[Node, Node] | 
             return None
         pattern.append(user)
         node = user
+
+
+def _safe_softmax_select(softmax: Node, users: list[Node], pattern: list[Node]) -> Node | None:
+    """The decomposed ``_safe_softmax`` of SDPA's math form: rows whose scores are all −inf get 0,
+    as the op's do: ``where(~any(s != -inf, -1), full_like(p, 0), p)``. Returns the ``where``."""
+    fill = next((u for u in users if is_op(u, {aten.full_like.default}) and u.args[1] == 0), None)
+    select = next((u for u in users if is_op(u, {aten.where.self})), None)
+    if fill is None or select is None or select.args[1:] != (fill, softmax):
+        return None
+    row_check, checks = select.args[0], []
+    while is_op(row_check, {aten.logical_not.default, aten.any.dim, aten.eq.Scalar}):
+        checks.append(row_check)
+        if is_op(row_check, {aten.eq.Scalar}):
+            if row_check.args[0] is not softmax.args[0] or row_check.args[1] != float("-inf"):
+                return None
+            pattern.extend([fill, select, *checks])
+            return select
+        row_check = row_check.args[0]
+    return None
 
 
 def _check_dropout(node: Node) -> None:
@@ -291,7 +316,7 @@ def _scores_chain(site, softmax, output, value, pattern) -> AttentionMatch:
     """Walk back from the softmax input over [+ mask] and [* scale] to ``q @ kᵀ``."""
     node, mask, scale = softmax.args[0], None, 1.0
     while True:
-        if len(users_of(node)) != 1:
+        if any(user not in pattern for user in users_of(node)):  # consumers so far: softmax, chain
             raise LeftDense(site, softmax, f"intermediate {node.name} is used elsewhere")
         pattern.append(node)
         if is_op(node, ADD) and mask is None and "alpha" not in node.kwargs:
@@ -310,6 +335,12 @@ def _scores_chain(site, softmax, output, value, pattern) -> AttentionMatch:
         else:
             break
     operands = _matmul_operands(node, pattern)
+    if operands:  # SDPA's math form scales q and kᵀ by √scale each
+        (query, q_factor), (key_t, k_factor) = (_peel_constant_scale(o, pattern) for o in operands)
+        if isinstance(scale, Node) and q_factor * k_factor != 1.0:
+            raise LeftDense(site, softmax, "several scale factors, one of them symbolic")
+        scale = scale if isinstance(scale, Node) else scale * q_factor * k_factor
+        operands = query, key_t
     key_t = operands and _transposed_key(operands[1], pattern)
     if not key_t:
         what = node.target if node.op != "call_method" else f"Tensor.{node.target}"
@@ -326,6 +357,15 @@ def _scores_chain(site, softmax, output, value, pattern) -> AttentionMatch:
 
 def _is_score_tensor(node) -> bool:
     return isinstance(node, Node) and isinstance(value_of(node), torch.Tensor) and not is_op(node, {torch.full})
+
+
+def _peel_constant_scale(node: Node, pattern: list[Node]) -> tuple[Node, float]:
+    """(x, c) for a single-use ``x * c`` with constant c, else (node, 1)."""
+    factor = _scale_factor(node) if is_op(node, SCALES) and len(users_of(node)) == 1 else None
+    if not isinstance(factor, float):
+        return node, 1.0
+    pattern.append(node)
+    return next(a for a in node.args[:2] if _is_score_tensor(a)), factor
 
 
 def _leads_to_scores(node) -> bool:
