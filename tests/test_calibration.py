@@ -133,3 +133,27 @@ def test_errors(tokenizer):
         fxsparse.calibrate(plain, None, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="tokenizer="):
         fxsparse.calibrate(tiny_llama(), None)
+
+
+def test_calibrate_a_model_rewritten_by_sparsify(tokenizer, essays):
+    """The product path: a tiny HF Llama through fxsparse.sparsify, then calibrate; laws land in its sites."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096)
+    model = tiny_llama(vocab=len(tokenizer), sharpness=8.0)  # same sharpened weights, plain HF attention
+    plain = LlamaForCausalLM(config).eval()
+    plain.load_state_dict(model.state_dict())
+    sparse_cfg = _config(essays, heldout_samples=0, samples=3, max_seqlen=1024)
+    sparse_cfg["sparse_cfg"]["*attn*"].update(backend="pytorch", enable=True)
+    calibration = sparse_cfg["sparse_cfg"].pop("calibration")
+    fxsparse.sparsify(plain, sparse_cfg)
+    result = fxsparse.calibrate(plain, {"sparse_cfg": {"calibration": calibration, "*attn*": {}}},
+                                tokenizer=tokenizer, trials=TRIALS)
+    sites = fxsparse.sites_of(plain)
+    assert len(sites) == 2
+    for site in sites.values():
+        law = site.law()
+        assert law["prefill"]["a"] == pytest.approx(result.laws["prefill"].a, rel=1e-6)
+        assert law["decode"]["b"] == pytest.approx(result.laws["decode"].b, rel=1e-6)
+    assert "prefill" in result.format() and result.num_passes > 0

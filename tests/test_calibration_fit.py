@@ -74,5 +74,6 @@ def test_merge_decode_sums_steps_per_sample():
 
 def test_trial_grid():
     grid = trial_grid()
-    assert len(grid) == 40 and float(grid[0]) == pytest.approx(1e-6) and float(grid[-1]) == pytest.approx(0.99)
+    assert len(grid) == 48 and float(grid[0]) == pytest.approx(1e-6) and float(grid[-1]) == pytest.approx(100.0)
+    assert float(trial_grid(40, 1e-6, 0.99)[-1]) == pytest.approx(0.99)
     assert bool((grid[1:] > grid[:-1]).all())

@@ -56,7 +56,31 @@ def _fit_phase(passes, phase, trials, target, site=None) -> tuple[LawFit | None,
     return law, warnings
 
 
-def _write_laws(sites, laws, site_laws, targets) -> None:
+def fit_laws(passes, trials, targets, per_site_names=None):
+    """The model-wide law per phase and, given ``per_site_names`` (in site order), a law per site.
+
+    A site whose own points cannot fix a law gets the model-wide law. Returns
+    ``(laws, site_laws, warnings)``.
+    """
+    laws, warnings = {}, []
+    for phase in PHASE_ROWS:
+        laws[phase], notes = _fit_phase(passes, phase, trials, targets[phase])
+        warnings += notes
+    site_laws: dict[str, dict[str, LawFit]] = {}
+    for index, name in enumerate(per_site_names or []):
+        own = {}
+        for phase in PHASE_ROWS:
+            law, notes = _fit_phase(passes, phase, trials, targets[phase], site=index)
+            own[phase] = law if law is not None else laws[phase]
+            warnings += [f"{n}; using the model-wide law" for n in notes if law is None]
+        site_laws[name] = {p: law for p, law in own.items() if law is not None}
+    if all(law is None for law in laws.values()) and not site_laws:
+        raise RuntimeError("calibrate: no phase could be fitted; " + "; ".join(warnings))
+    return laws, site_laws, warnings
+
+
+def write_laws(sites, laws, site_laws, targets) -> None:
+    """Write each site's law (its own when in ``site_laws``, else the model-wide one) and the targets."""
     for name, site in sites.items():
         chosen = site_laws.get(name, laws)
         law = {phase: {"a": fit.a, "b": fit.b} for phase, fit in chosen.items() if fit is not None}
@@ -64,7 +88,7 @@ def _write_laws(sites, laws, site_laws, targets) -> None:
 
 
 @torch.no_grad()
-def _heldout(model, sites, samples: list[Sample], cfg: CalibrationConfig, targets) -> list[HeldoutRow]:
+def heldout_check(model, sites, samples: list[Sample], cfg: CalibrationConfig, targets) -> list[HeldoutRow]:
     """Run the calibrated (sparse) law on held-out samples; achieved sparsity per phase and bin."""
     totals: dict[tuple[str, int], list[int]] = {}
     for sample in tqdm(samples, desc="fxsparse held-out check", leave=False):
@@ -102,7 +126,7 @@ def calibrate(
             every forward call is measured (decode is measured only if the loop decodes).
         tokenizer: the model's tokenizer, to build the RULER-style samples (needed without forward_loop,
             and for the held-out check).
-        trials: the trial λ grid (default 40 log-spaced values in [1e-6, 0.99]).
+        trials: the trial λ grid (default ``trial_grid()``: 48 log-spaced values in [1e-6, 100]).
     Returns:
         a ``CalibrationResult``; ``result.format()`` is a summary table.
     """
@@ -135,28 +159,14 @@ def calibrate(
     trial_values = trials.tolist()
 
     # -- convert: fit, write the buffers, check on held-out samples --
-    laws, warnings = {}, []
-    for phase in PHASE_ROWS:
-        laws[phase], notes = _fit_phase(passes, phase, trial_values, targets[phase])
-        warnings += notes
-    site_laws: dict[str, dict[str, LawFit]] = {}
-    if cfg.per_site:
-        for index, name in enumerate(sites):
-            own = {}
-            for phase in PHASE_ROWS:
-                law, notes = _fit_phase(passes, phase, trial_values, targets[phase], site=index)
-                own[phase] = law if law is not None else laws[phase]
-                warnings += [f"{n}; using the model-wide law" for n in notes if law is None]
-            site_laws[name] = {p: law for p, law in own.items() if law is not None}
-    if all(law is None for law in laws.values()) and not site_laws:
-        raise RuntimeError("calibrate: no phase could be fitted; " + "; ".join(warnings))
-    _write_laws(sites, laws, site_laws, targets)
+    laws, site_laws, warnings = fit_laws(passes, trial_values, targets, list(sites) if cfg.per_site else None)
+    write_laws(sites, laws, site_laws, targets)
     for warning in warnings:
         logger.warning("calibration: %s", warning)
 
-    heldout = _heldout(model, sites, heldout_samples, cfg, targets) if heldout_samples else []
+    heldout = heldout_check(model, sites, heldout_samples, cfg, targets) if heldout_samples else []
     model.train(was_training)
     result = CalibrationResult(laws, targets, cfg.per_site, len(fit_samples), len(passes), trial_values,
-                               time.perf_counter() - start, site_laws, heldout, warnings)
+                               time.perf_counter() - start, site_laws, heldout, warnings, passes)
     logger.info("%s", result.format())
     return result

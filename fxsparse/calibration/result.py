@@ -32,6 +32,8 @@ class CalibrationResult:
         targets: target sparsity per phase.
         heldout: achieved vs target per phase and length bin on held-out samples.
         warnings: targets outside the observed range, phases or sites left uncalibrated.
+        passes: the measured ``measure.Pass`` records (not in ``to_dict``): refit with
+            ``calibration.calibrate.fit_laws`` without measuring again.
     """
 
     laws: dict[str, LawFit | None]
@@ -44,6 +46,7 @@ class CalibrationResult:
     site_laws: dict[str, dict[str, LawFit]] = field(default_factory=dict)
     heldout: list[HeldoutRow] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    passes: list = field(default_factory=list, repr=False)  # the raw measurements (fit.law_points), to refit
 
     def to_dict(self) -> dict:
         return {
