@@ -105,7 +105,7 @@ def prefill_timings(lengths, variants):
         for vname, over in variants.items():
             ta.PREFILL_OVERRIDES.clear()
             ta.PREFILL_OVERRIDES.update(over)
-            targets = [(0.0, (0.0, 0.0))] + ([] if "probe" in vname else list(lams.items()))
+            targets = [(0.0, (0.0, 0.0))] + list(lams.items())
             for target, (lam, _) in targets:
                 state = make_threshold_state(lam, device="cuda")
                 st = torch.zeros(2, 2, dtype=torch.int64, device="cuda")
@@ -163,11 +163,8 @@ def main():
         "w8s2": dict(num_warps=8, num_stages=2),
         "w4s3": dict(num_warps=4, num_stages=3),
         "vpre": dict(skip_v_load=False),
-        "probe": dict(probe_dense=True),
-        "tma": dict(tma=True),
-        "tma_probe": dict(tma=True, probe_dense=True),
-        "tma_s4": dict(tma=True, num_stages=4),
-        "tma_s2": dict(tma=True, num_stages=2),
+        "no_tma": dict(tma=False),
+        "tma_s4": dict(num_stages=4),
     }
     variants = {k: all_variants[k] for k in args.variants.split(",")}
     t0 = time.time()

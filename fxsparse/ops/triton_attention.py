@@ -32,7 +32,7 @@ def prefill_config(d_pad: int, block_m: int, block_n: int) -> tuple[int, int]:
     return (8, 1) if block_m * block_n >= 128 * 128 else (8, 2)
 
 
-PREFILL_OVERRIDES: dict = {}  # bench/ sweeps: {"num_warps": .., "num_stages": .., "skip_v_load": ..}
+PREFILL_OVERRIDES: dict = {}  # bench/gpu_check.py sweeps: num_warps, num_stages, skip_v_load, tma
 
 
 def _pow2(n: int, floor: int = MIN_BLOCK) -> int:
@@ -47,8 +47,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 _SUMMARY_CACHE: dict = {}
 
 
-def _mask_operand(attn_mask: torch.Tensor, num_heads: int, query_len: int, kv_len: int):
-    """(tensor the kernel reads, MASK_KIND 1 bool / 2 additive, masked-below value, 4-D strides)."""
+def _mask_operand(attn_mask: torch.Tensor):
+    """(tensor the kernel reads, MASK_KIND 1 bool / 2 additive, masked-at-or-below value, the 4-D view)."""
     mask = attn_mask
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
@@ -189,7 +189,7 @@ def _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, *, state,
 
     dummy = q.new_empty(1)
     if attn_mask is not None:
-        mask_t, mask_kind, mask_min, mask4 = _mask_operand(attn_mask, num_heads, query_len, kv_len)
+        mask_t, mask_kind, mask_min, mask4 = _mask_operand(attn_mask)
         kinds = mask_summary(attn_mask, br if query_len > br else block_m, bc, query_len, kv_len)
         m_strides = [_stride(mask4, d) for d in range(4)]
         c_strides = [_stride(kinds, d) for d in range(3)]
@@ -261,7 +261,7 @@ def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_
     part_l = torch.empty(batch, num_heads, splits, **f32)
     part_m = torch.empty(batch, num_heads, splits, **f32)
     if attn_mask is not None:
-        mask_t, mask_kind, mask_min, mask4 = _mask_operand(attn_mask, num_heads, 1, kv_len)
+        mask_t, mask_kind, mask_min, mask4 = _mask_operand(attn_mask)
         m_strides = [_stride(mask4, 0), _stride(mask4, 1), _stride(mask4, 3)]
     else:
         mask_t, mask_kind, mask_min, m_strides = dummy, 0, 0.0, [0, 0, 0]
@@ -285,7 +285,6 @@ def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase_of(1), num_trials, stats_cols,
         VALUE_DIM=value_dim, DV_PAD=dv_pad, BLOCK_G=block_g, BLOCK_N=block_n, PREFIX_CHUNK=256,
-        TILES_PAD=_pow2(tiles_per_split, 2),
         T_PAD=_pow2(num_trials, 2), COUNT_MODE=count_mode, DEBUG=decisions_out is not None,
         DOT_PRECISION=precision, num_warps=num_warps, num_stages=3,
     )

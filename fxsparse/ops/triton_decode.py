@@ -78,11 +78,6 @@ def decode_scores_kernel(
 
 
 @triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
 def decode_attend_kernel(
     v_ptr, scores_ptr, tile_max_ptr, state_ptr, trials_ptr, stats_ptr, dec_ptr,
     part_acc_ptr, part_l_ptr, part_m_ptr,
@@ -90,7 +85,7 @@ def decode_attend_kernel(
     stride_db, stride_dh, stride_pb, stride_ph, stride_ps,
     num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase, num_trials, stats_cols,
     VALUE_DIM: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREFIX_CHUNK: tl.constexpr, TILES_PAD: tl.constexpr, T_PAD: tl.constexpr, COUNT_MODE: tl.constexpr, DEBUG: tl.constexpr,
+    PREFIX_CHUNK: tl.constexpr, T_PAD: tl.constexpr, COUNT_MODE: tl.constexpr, DEBUG: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Grid (splits, B·Hkv): per-row votes and the partial softmax of kept tiles."""
@@ -122,59 +117,47 @@ def decode_attend_kernel(
         prev = tl.load(row_tile_max[:, None] + offs_c[None, :], mask=g_ok[:, None] & (offs_c[None, :] < tile_lo), other=float("-inf"))
         m_i = tl.maximum(m_i, tl.max(prev, 1))
 
-    # -- every vote of this split up front (all tile maxima are known), so the loop's loads depend only on
-    #    the tile index and pipeline; a tile no row keeps issues no V traffic (its loads are predicated off) --
-    offs_j = tl.arange(0, TILES_PAD)
-    tiles = tile_lo + offs_j
-    in_split = g_ok[:, None] & (tiles[None, :] < tile_hi)
-    m_tiles = tl.load(row_tile_max[:, None] + tiles[None, :], mask=in_split, other=float("-inf"))
-    m_before = tl.load(row_tile_max[:, None] + tiles[None, :] - 1, mask=in_split & (offs_j[None, :] > 0), other=float("-inf"))
-    m_before = tl.maximum(tl.associative_scan(m_before, 1, _maximum), m_i[:, None])  # max over all earlier tiles
-    gaps = tl.where(m_tiles == float("-inf"), float("-inf"), tl.where(m_before == float("-inf"), float("inf"), m_tiles - m_before))
-    m_after = tl.maximum(m_before, m_tiles)
-    valid_tiles = in_split & (gaps > float("-inf"))
-    if DEBUG:
-        keeps = valid_tiles & (gaps >= log_lam2)
-        tl.store(dec_ptr + b * stride_db + heads[:, None] * stride_dh + tiles[None, :], keeps.to(tl.int8), mask=in_split)
-    if COUNT_MODE != 0:  # whole-split counts, one trial at a time (no reductions carried through the loop)
-        stats_row = stats_ptr + phase * stats_cols
-        tl.atomic_add(stats_row, tl.sum(tl.sum(valid_tiles.to(tl.int32), 1), 0).to(tl.int64))
-        for t in range(0, num_trials):
-            trial = tl.sum(tl.where(offs_t == t, trials2, 0.0), 0)
-            skipped = tl.sum(tl.sum((valid_tiles & (gaps < trial)).to(tl.int32), 1), 0)
-            tl.atomic_add(stats_row + 1 + t, skipped.to(tl.int64))
-
-    l_tile = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)  # row sums reduced after the loop, not in it
+    l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, DV_PAD], tl.float32)
-    for j in range(0, tile_hi - tile_lo):
-        offs_n = (tile_lo + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = tl.zeros([], tl.int32)
+    counts = tl.zeros([T_PAD], tl.int32)
+    for tile in range(tile_lo, tile_hi):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_len
         # -- vote: each row (query head) is its own query tile --
-        this_tile = offs_j[None, :] == j
-        gap = tl.max(tl.where(this_tile, gaps, float("-inf")), 1)
-        m_new = tl.max(tl.where(this_tile, m_after, float("-inf")), 1)
-        keep = g_ok & (gap > float("-inf")) & (gap >= log_lam2)
+        m_tile = tl.load(row_tile_max + tile, mask=g_ok, other=float("-inf"))
+        gap = tl.where(m_tile == float("-inf"), float("-inf"), tl.where(m_i == float("-inf"), float("inf"), m_tile - m_i))
+        valid = g_ok & (gap > float("-inf"))
+        keep = valid & (gap >= log_lam2)
+        if COUNT_MODE != 0:
+            n_valid += tl.sum(valid.to(tl.int32))
+            counts += tl.sum((valid[:, None] & (gap[:, None] < trials2[None, :])).to(tl.int32), 0)
+        if DEBUG:
+            tl.store(dec_ptr + b * stride_db + heads * stride_dh + tile, keep.to(tl.int8), mask=g_ok)
 
         # -- online softmax over the kept tiles of each row --
+        m_new = tl.maximum(m_i, m_tile)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
-        s = tl.load(row_scores + offs_n[None, :], mask=keep[:, None] & n_ok[None, :], other=float("-inf"))
-        p = tl.math.exp2(s - m_safe[:, None])
-        any_keep = (offs_n * 0 + tl.max(keep.to(tl.int32), 0)) > 0  # broadcast first (interpreter)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-            mask=(any_keep & n_ok)[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0,
-        )
-        l_tile = l_tile * alpha[:, None] + p
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        if tl.max(keep.to(tl.int32)) > 0:  # V is read only when some row keeps the tile
+            s = tl.load(row_scores + offs_n[None, :], mask=keep[:, None] & n_ok[None, :], other=float("-inf"))
+            p = tl.math.exp2(s - m_safe[:, None])
+            l_i += tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
-    l_i = tl.sum(l_tile, 1)
 
     # -- partial result of this split, relative to its own reference max --
     part = b * stride_pb + heads * stride_ph + split * stride_ps
     tl.store(part_acc_ptr + part[:, None] * DV_PAD + offs_dv[None, :], acc, mask=g_ok[:, None])
     tl.store(part_l_ptr + part, l_i, mask=g_ok)
     tl.store(part_m_ptr + part, m_i, mask=g_ok)  # −inf: this split attends nothing
+    if COUNT_MODE != 0:
+        stats_row = stats_ptr + phase * stats_cols
+        tl.atomic_add(stats_row, n_valid.to(tl.int64))
+        tl.atomic_add(stats_row + 1 + offs_t, counts.to(tl.int64), mask=offs_t < num_trials)
 
 
 @triton.jit

@@ -13,7 +13,10 @@ SPEC §4). Scores live in exp2 space (``qk · scale · log2 e``), so the vote co
                                  when SKIP_V_LOAD)        keep: the usual online-softmax step
 
 The same kernel counts (COUNT_MODE 1: the state's λ; 2: a vector of trial λ with a dense output, the
-calibration's measuring mode). λ is read from the (2, 5) threshold state in the kernel, never a constexpr.
+calibration's measuring mode). λ is read from the (2, 5) threshold state in the kernel, never a constexpr:
+each program picks at run time between the voting loop and a branch-free dense loop (λ = 0 and nothing to
+count), because the data-dependent skip branch costs the dense path ~16 % on H200 (the pipeliner cannot
+overlap across it). On Hopper, K and V tiles come through tensor descriptors (TMA) when D is a power of two.
 """
 
 from __future__ import annotations
