@@ -1,0 +1,89 @@
+"""End-to-end prefill of a random-weight Llama-3-8B-shaped model (a few layers), SPEC §9.
+
+HF sdpa and HF eager (an out-of-memory eager run is a result, recorded as such) against the same model
+after ``fxsparse.sparsify`` with the Triton backend, dense (λ = 0) and sparse. Time per prefill and peak
+GPU memory; logits only for the last position, so the vocabulary projection does not dominate memory.
+
+    BENCH_OUT=/tmp PYTHONPATH=. pytest bench/test_e2e.py
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from bench.conftest import cuda_ms
+
+LENGTHS = [8192, 16384, 32768]
+IMPLS = ["hf_sdpa", "hf_eager", "fx_dense", "fx_sparse"]
+LAYERS = 4
+SPARSE_THRESHOLD = 1e-2
+
+
+def _config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+        num_hidden_layers=LAYERS, vocab_size=128256, max_position_embeddings=max(LENGTHS), rope_theta=500000.0,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _base_model(attn_implementation: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(_config(), torch_dtype=torch.bfloat16,
+                                                 attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def _model(impl: str):
+    import fxsparse
+
+    if impl == "hf_eager":
+        return _base_model("eager")
+    if impl == "hf_sdpa":
+        return _base_model("sdpa")
+    threshold = 0.0 if impl == "fx_dense" else SPARSE_THRESHOLD
+    model = copy.deepcopy(_base_model("sdpa"))
+    config = {"sparse_cfg": {"*attn*": {"threshold": {"prefill": threshold, "decode": threshold},
+                                        "backend": "triton", "collect_stats": True}}}
+    return fxsparse.sparsify(model, config)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seq_len", LENGTHS)
+@torch.no_grad()
+def test_e2e_prefill(report, seq_len, impl):
+    model = _model(impl)
+    ids = torch.randint(3, 128000, (1, seq_len), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    call = functools.partial(model, input_ids=ids, use_cache=False, logits_to_keep=1)
+    row = dict(bench="e2e", L=seq_len, impl=impl, layers=LAYERS)
+    try:
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        ms = cuda_ms(call)
+        row.update(ms=ms, peak_GiB=torch.cuda.max_memory_allocated() / 2**30)
+    except torch.OutOfMemoryError:
+        row.update(ms="OOM")
+        torch.cuda.empty_cache()
+    if impl.startswith("fx"):
+        import fxsparse
+
+        prefill = [s["prefill"] for s in fxsparse.get_stats(model).values()]
+        valid = sum(p["valid"] for p in prefill)
+        row["sparsity"] = sum(p["skipped"] for p in prefill) / max(valid, 1)
+    base = [r for r in report if r["bench"] == "e2e" and r["L"] == seq_len and r["impl"] == "hf_sdpa"]
+    if base and isinstance(row["ms"], float):
+        row["speedup_vs_sdpa"] = base[0]["ms"] / row["ms"]
+    report.append(row)
+    if impl.startswith("fx"):
+        del model
+        torch.cuda.empty_cache()
