@@ -230,3 +230,16 @@ def test_parse_target():
     assert parse_target("0.5") == {"prefill": 0.5, "decode": 0.5}
     assert parse_target("0.6, 0.4") == {"prefill": 0.6, "decode": 0.4}
     assert parse_target(None) is None
+
+
+def test_truncate_middle_and_needle_prompt(essays):
+    from fxsparse.verify import NEEDLE_ANSWER, needle_prompt, truncate_middle
+
+    assert truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
+    assert truncate_middle(list(range(3)), 4) == [0, 1, 2]
+    tokenizer = tiny_tokenizer()
+    prompt = needle_prompt(tokenizer, 400, essays)
+    assert prompt.length <= 400 and prompt.expected == [NEEDLE_ANSWER]
+    text = tokenizer.decode(prompt.input_ids[0])
+    assert NEEDLE_ANSWER in text and text.count(prompt.question) == 2  # question before and after the document
+    assert text.endswith("<|im_start|>assistant\n")  # chat template applied
