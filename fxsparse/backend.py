@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import SKIP_SOFTMAX_DEFAULT, SiteConfig, SparseAttentionConfig
-from .graph.match import FRAME_ROOT
+from .graph.names import FRAME_ROOT
 from .graph.rewrite import RewriteReport, SiteInputs, rewrite_attention
 from .sites import SparseSite
 

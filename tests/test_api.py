@@ -136,6 +136,15 @@ def test_pattern_matching_no_site_lists_the_sites():
         fxsparse.sparsify(model, DENSE) and fxsparse.set_threshold(model, 0.1, "lm_head")
 
 
+@torch.no_grad()
+def test_compiling_a_sparsified_model_again_keeps_the_sparse_op():
+    """An outer torch.compile must not inline the dense original forward."""
+    model = fxsparse.sparsify(tiny_model("llama", "sdpa"), DENSE)
+    fxsparse.reset_stats(model)
+    torch.compile(model, backend="eager")(random_ids(2, 8))
+    assert all(s["prefill"]["valid"] > 0 for s in fxsparse.get_stats(model).values())
+
+
 class NoAttention(nn.Module):
     """HF-shaped (config, main_input_name) but attention-free."""
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxsparse.backend import SiteCompiler
-from fxsparse.graph.match import module_path
+from fxsparse.graph.names import module_path
 from fxsparse.graph.rewrite import SiteInputs, rewrite_attention
 
 OP = torch.ops.fxsparse.skip_softmax_attention.default

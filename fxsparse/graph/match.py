@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .names import site_name
 from .patterns import (
     ADD,
     CASTS,
@@ -41,6 +40,9 @@ from .patterns import (
     VIEWS,
     arguments,
     is_op,
+    same_size,
+    users_of,
+    value_of,
 )
 
 aten = torch.ops.aten
@@ -72,54 +74,6 @@ class LeftDense(Exception):
     def __init__(self, site: str, node: Node, reason: str):
         super().__init__(f"{site} ({node.name}): {reason}")
         self.site, self.node_name, self.reason = site, node.name, reason
-
-
-# -- small readers over node.meta and node users --
-
-
-def value_of(node) -> torch.Tensor | None:
-    """The (fake) tensor a node computes: ``val`` in torch.export IR, ``example_value`` in Dynamo's."""
-    if not isinstance(node, Node):
-        return None
-    return node.meta.get("val", node.meta.get("example_value"))
-
-
-def users_of(node: Node) -> list[Node]:
-    """Users that consume the value; export's ``_assert_tensor_metadata`` checks do not count."""
-    return [u for u in node.users if not is_op(u, METADATA_ASSERTS)]
-
-
-def _same_size(a, b) -> bool:
-    return statically_known_true(a == b)
-
-
-FRAME_ROOT = re.compile(r"^L\[['\"]\w+['\"]\](\[\d+\])*")
-_DECORATION = (
-    (re.compile(r"\.?_modules\[['\"]([^'\"]+)['\"]\]"), r".\1"),
-    (re.compile(r"\[['\"]([^'\"]+)['\"]\]"), r".\1"),
-    (re.compile(r"\[(\d+)\]"), r".\1"),
-)
-_GETATTR = re.compile(r"getattr\(([^,()]+), ['\"]([^'\"]+)['\"]\)")
-
-
-def module_path(dynamo_path: str) -> str:
-    """``L['self']._modules['model'].layers[3]`` → ``model.layers.3`` (export paths pass through)."""
-    path = dynamo_path
-    while _GETATTR.search(path):
-        path = _GETATTR.sub(r"\1.\2", path)
-    path = FRAME_ROOT.sub("", path)
-    for pattern, replacement in _DECORATION:
-        path = pattern.sub(replacement, path)
-    return path.strip(".")
-
-
-def site_name(node: Node) -> str:
-    """The innermost module around ``node`` (its ``nn_module_stack``), as a plain module path."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return node.name
-    path, _ = list(stack.values())[-1]
-    return module_path(path) or node.name
 
 
 # -- K/V un-repeating --
@@ -412,7 +366,7 @@ def match_sdpa(node: Node) -> AttentionMatch | None:
     key, value = peel_repeat_kv(args["key"], pattern), peel_repeat_kv(args["value"], pattern)
     _check_dtypes(site, node, query, key, value, output)
     q, k = value_of(query), value_of(key)
-    if args["is_causal"] and not _same_size(q.shape[2], k.shape[2]):
+    if args["is_causal"] and not same_size(q.shape[2], k.shape[2]):
         # SDPA's is_causal is top-left aligned, the op's bottom-right: equal only when Lq == Lk.
         raise LeftDense(site, node, "is_causal with Lq != Lk (top-left causal) is not representable")
     scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])

@@ -12,6 +12,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 
@@ -73,3 +74,19 @@ def arguments(node: Node, names, defaults: dict | None = None) -> dict:
     for key, value in node.kwargs.items():
         found[_ALIASES.get(key, key)] = value
     return found
+
+
+def value_of(node) -> torch.Tensor | None:
+    """The (fake) tensor a node computes: ``val`` in torch.export IR, ``example_value`` in Dynamo's."""
+    if not isinstance(node, Node):
+        return None
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def users_of(node: Node) -> list[Node]:
+    """Users that consume the value; export's ``_assert_tensor_metadata`` checks do not count."""
+    return [u for u in node.users if not is_op(u, METADATA_ASSERTS)]
+
+
+def same_size(a, b) -> bool:
+    return statically_known_true(a == b)

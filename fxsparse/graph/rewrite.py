@@ -17,7 +17,8 @@ import torch
 from torch.fx import Graph, Node
 
 from ..config import SiteConfig
-from .match import AttentionMatch, find_attention, users_of
+from .match import AttentionMatch, find_attention
+from .patterns import users_of
 
 log = logging.getLogger(__name__)
 
