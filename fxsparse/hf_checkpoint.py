@@ -48,6 +48,7 @@ SPARSE_ATTENTION_KEY = "sparse_attention_config"
 FXSPARSE_KEY = "fxsparse_sparse_attention"
 FORMULA = "a * exp(b * target_sparsity)"
 _DEFAULT_THRESHOLD = SKIP_SOFTMAX_DEFAULT["sparse_cfg"]["*attn*"]["threshold"]
+_CREATION_FIELDS = ("method", "br", "bc", "backend", "collect_stats")  # fixed when a site is created
 
 
 # -- export --
@@ -182,10 +183,11 @@ class RecordedSparsity:
 
     @property
     def config(self) -> dict[str, Any]:
-        """A ``{"sparse_cfg": ...}`` (no calibration section) that recreates the sites' settings.
+        """A ``{"sparse_cfg": ...}`` (no calibration section) for ``sparsify``; ``apply`` then restores the rest.
 
-        The settings most sites share go to ``default``; only sites that differ get a pattern of
-        their own (their exact name), so the usual record is one ``default`` section.
+        The settings most sites share go to ``default``. A site gets a pattern of its own (its exact
+        name) only where its tiles, backend or method differ — sites are created with those and they
+        cannot change afterwards; a site's enable flag, fixed λ and law are restored by ``apply``.
         """
         if not self.sites:
             sparse_cfg = {"default": {"enable": True, "threshold": dict(_DEFAULT_THRESHOLD)}}
@@ -196,7 +198,10 @@ class RecordedSparsity:
         keys = [json.dumps(value, sort_keys=True) for value in settings.values()]
         common = json.loads(max(keys, key=keys.count))
         sparse_cfg = {"default": common}
-        sparse_cfg.update({name: value for name, value in settings.items() if value != common})
+        sparse_cfg.update({
+            name: value for name, value in settings.items()
+            if any(value[key] != common[key] for key in _CREATION_FIELDS if key in value)
+        })
         return {"sparse_cfg": sparse_cfg}
 
     def laws(self) -> dict[str, Any]:

@@ -243,3 +243,15 @@ def test_sparsify_without_config_restores_the_recorded_laws(tiny, tmp_path):
     with torch.no_grad():
         reloaded(ids)
     assert all(s.sparsity()["prefill"] is not None for s in sites_of(reloaded).values())
+
+
+def test_sparsify_without_config_restores_a_disabled_site(tiny, tmp_path):
+    model, tokenizer = tiny
+    fxsparse.sparsify(model)
+    fxsparse.disable_sparsity(model, "*.1.*")
+    export_hf(model, tmp_path / "out", tokenizer)
+    recorded = recorded_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "out").config)
+    assert list(recorded.config["sparse_cfg"]) == ["default"]  # the enable flag is restored by apply()
+    reloaded = fxsparse.sparsify(AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+    assert _state(sites_of(reloaded)) == _state(sites_of(model))
+    assert not sites_of(reloaded)[SITE_NAMES[1]].enabled
