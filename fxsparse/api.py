@@ -191,7 +191,8 @@ def summary(model: nn.Module, file=sys.stdout) -> str:
     for name, site in sites_of(model).items():
         info = site.describe()
         sparsity = " / ".join("-" if s is None else f"{s:.1%}" for s in info["sparsity"].values())
-        print(f"{name:<36} {'y' if info['enabled'] else 'n':<3} {info['br']}×{info['bc']:<6} "
+        tiles = f"{info['br']}×{info['bc']}"
+        print(f"{name:<36} {'y' if info['enabled'] else 'n':<3} {tiles:<9} "
               f"{info['backend']:<8} {_describe_threshold(info):<44} {sparsity}", file=out)
     compiler = getattr(model, COMPILER_ATTRIBUTE, None)
     for site, reason in dict(compiler.report.left_dense if compiler else []).items():

@@ -122,9 +122,14 @@ class _AttributeInputs:
         if name not in self.attributes:
             self.attributes[name] = f"{SITE_ATTRIBUTE}_{len(self.attributes)}"
             self.gm.add_submodule(self.attributes[name], site)
-        attribute = self.attributes[name]
-        state, stats, trials = (self.gm.graph.get_attr(f"{attribute}.{b}") for b in SITE_BUFFERS)
-        return SiteInputs(state, stats if config.collect_stats else None, trials)
+        return attribute_inputs(self.gm.graph, self.attributes[name], config)
+
+
+def attribute_inputs(graph: torch.fx.Graph, site_path: str, config: SiteConfig) -> SiteInputs:
+    """``get_attr`` nodes reading the buffers of the site at ``site_path`` when the graph runs."""
+    state, trials = (graph.get_attr(f"{site_path}.{b}") for b in ("threshold_state", "trial_thresholds"))
+    stats = graph.get_attr(f"{site_path}.stats") if config.collect_stats else None
+    return SiteInputs(state, stats, trials)
 
 
 class _GraphInputs:

@@ -26,7 +26,7 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-from .backend import SITE_ATTRIBUTE, SITE_BUFFERS
+from .backend import SITE_ATTRIBUTE, attribute_inputs
 from .config import SKIP_SOFTMAX_DEFAULT, SiteConfig, SparseAttentionConfig
 from .graph.rewrite import RewriteReport, SiteInputs, rewrite_attention
 from .sites import SparseSite
@@ -67,8 +67,7 @@ def _rewrite(module: torch.fx.GraphModule, config: SparseAttentionConfig) -> Rew
         return configs
 
     def site_inputs(name: str, settings: SiteConfig) -> SiteInputs:
-        state, stats, trials = (module.graph.get_attr(f"{name}.{SITE_ATTRIBUTE}.{b}") for b in SITE_BUFFERS)
-        return SiteInputs(state, stats if settings.collect_stats else None, trials)
+        return attribute_inputs(module.graph, f"{name}.{SITE_ATTRIBUTE}", settings)
 
     report = rewrite_attention(module.graph, configure, site_inputs)
     module.recompile()

@@ -116,6 +116,26 @@ def test_measuring_swaps_buffers_without_recompiling():
     assert model.fxsparse_compiler.compiles == compiles
 
 
+@torch.no_grad()
+def test_calibration_section_runs_measuring_through_the_compiled_graph():
+    model = sharpened_llama("sdpa")
+    config = {"sparse_cfg": {
+        "calibration": {"target_sparse_ratio": 0.3, "samples": 2, "max_seqlen": 1024, "heldout_samples": 0},
+        "*attn*": {"threshold": 0.0, "br": 16, "bc": 16, "backend": "pytorch"}}}
+
+    def forward_loop(model):
+        for seed in range(3):
+            ids, mask = left_padded(2, 96, pad=5, seed=seed)
+            greedy(model, ids, mask)
+
+    fxsparse.sparsify(model, config, forward_loop=forward_loop)
+    laws = [site.law() for site in fxsparse.sites_of(model).values()]
+    assert all(law and set(law) == {"prefill", "decode"} for law in laws), laws
+    assert model.fxsparse_compiler.compiles == 3  # warm-up, prefill, decode: measuring never recompiles
+    fxsparse.set_target_sparsity(model, 0.6)
+    assert "exp(" in fxsparse.summary(model, file=None) and "·0.60)/L" in fxsparse.summary(model, file=None)
+
+
 def test_seed_import_path_and_default_config():
     import fxsparse.attention_sparsity as mtsa
     from fxsparse.attention_sparsity.config import SKIP_SOFTMAX_CALIB, SKIP_SOFTMAX_DEFAULT as DEFAULT
