@@ -76,6 +76,10 @@ def sparsify(model: nn.Module, config: Mapping[str, Any] | None = None,
     except Exception:
         _undo(model)
         raise
+    if getattr(model, "generation_config", None) is not None:
+        # generate() would torch.compile the model again for a static cache on GPU, and Dynamo cannot
+        # trace into an already compiled forward with fullgraph=True: the model compiles itself.
+        model.generation_config.disable_compile = True
     if recorded is not None:
         recorded.apply(sites_of(model))
     if config.calibration is not None:

@@ -160,8 +160,16 @@ class _GraphInputs:
         fetch = [self.sources[node] for node in placeholders[len(example_inputs):]]
         compiled = compile_fx(self.gm, example_inputs + [getattr(site, b) for site, b in fetch])
 
+        shapes = [getattr(site, buffer).shape for site, buffer in fetch]
+
         def run(*args):
-            return compiled(*args, *(getattr(site, buffer) for site, buffer in fetch))
+            extra = [getattr(site, buffer) for site, buffer in fetch]
+            if any(tensor.shape != shape for tensor, shape in zip(extra, shapes)):
+                raise ValueError(
+                    "site buffers changed shape (site.measuring) since Inductor compiled this graph; "
+                    "measure through fxsparse.sparsify or torch.compile(..., options={'inductor': False})"
+                )
+            return compiled(*args, *extra)
 
         return run
 

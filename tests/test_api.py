@@ -49,6 +49,20 @@ def test_sparsify_at_zero_threshold_equals_dense(arch, impl):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
+@torch.no_grad()
+def test_generate_where_hf_would_compile_the_model_again():
+    """On GPU with a static cache, generate() compiles the model (fullgraph); sparsify opts out."""
+    from transformers import CompileConfig
+
+    dense, model = tiny_model("llama", "sdpa"), fxsparse.sparsify(tiny_model("llama", "sdpa"), DENSE)
+    ids, mask = left_padded(2, 30, pad=4)
+    compile_config = CompileConfig(backend="eager", fullgraph=True)
+    compile_config._compile_all_devices = True  # as on CUDA
+    expected = greedy(dense, ids, mask, cache_implementation="static")
+    tokens = greedy(model, ids, mask, cache_implementation="static", compile_config=compile_config)
+    assert torch.equal(tokens, expected)
+
+
 def sharpened_llama(impl: str):
     """Random weights give near-uniform attention; larger q/k projections give peaked scores.
     Even so, random scores only skip whole 16-row tiles for λ ≳ 1 (SPEC §9), hence λ = 2 below."""

@@ -50,6 +50,9 @@ def test_inductor_reads_thresholds_at_call_time():
     torch.testing.assert_close(compiled(ids, use_cache=False).logits, dense, atol=1e-4, rtol=1e-4)
     assert counter.frame_count == frames
     assert all(s["prefill"]["valid"] > 0 for s in fxsparse.get_stats(model).values())
+    with fxsparse.sites_of(model)["model.layers.0.self_attn"].measuring(torch.tensor([0.1, 1.0])):
+        with pytest.raises(ValueError, match="changed shape"):
+            compiled(ids, use_cache=False)
 
 
 @torch.no_grad()
