@@ -30,13 +30,14 @@ laws stay in the fxsparse record.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from torch import nn
@@ -79,7 +80,8 @@ def export_hf(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     try:
         for key, value in extra.items():
             setattr(model.config, key, value)
-        model.save_pretrained(directory)
+        with _as_plain_checkpoint(model):
+            model.save_pretrained(directory)
     finally:
         for key in extra:
             if key in saved:
@@ -89,6 +91,34 @@ def export_hf(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
+
+
+@contextlib.contextmanager
+def _as_plain_checkpoint(model: nn.Module) -> Iterator[None]:
+    """A model loaded from a GGUF file whose weights were dequantized saves as a plain checkpoint.
+
+    transformers refuses ``save_pretrained`` on any model it loaded through its GGUF quantizer; when
+    every weight is an ordinary floating tensor the quantizer is only a leftover, so it is detached
+    for the save (and put back). Weights still packed in GGUF blocks are an error.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or getattr(method, "value", method) != "gguf":
+        yield
+        return
+    packed = [name for name, p in model.named_parameters() if not p.dtype.is_floating_point]
+    packed += [name for name, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
+    if packed:
+        raise ValueError(f"export_hf: the GGUF weights of {packed[:3]} are still packed; load the model with "
+                         "dequantized weights to export it")
+    config_value = model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if config_value is not None:
+            model.config.quantization_config = config_value
 
 
 def site_record(site: SparseSite) -> dict[str, Any]:

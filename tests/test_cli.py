@@ -151,13 +151,6 @@ def test_calibrate_export_then_reload_through_the_cli(capsys, checkpoint, essays
             assert values["target"] == pytest.approx(0.3)
 
 
-def test_gguf_file(capsys, tmp_path):
-    save_tiny_gguf(tmp_path / "tiny.gguf")
-    code, out, err = run_cli(capsys, "--pyt_ckpt_path", tmp_path / "tiny.gguf", "--device", "cpu")
-    assert code == 0, err
-    assert "LlamaForCausalLM" in out and "found 2 attention sites (2 enabled)" in out
-
-
 # -- errors: one line on stderr, exit code 2, no traceback --
 
 
@@ -243,3 +236,17 @@ def test_truncate_middle_and_needle_prompt(essays):
     text = tokenizer.decode(prompt.input_ids[0])
     assert NEEDLE_ANSWER in text and text.count(prompt.question) == 2  # question before and after the document
     assert text.endswith("<|im_start|>assistant\n")  # chat template applied
+
+
+def test_gguf_file_exports_as_a_plain_checkpoint(capsys, tmp_path):
+    save_tiny_gguf(tmp_path / "tiny.gguf")
+    code, out, err = run_cli(capsys, "--pyt_ckpt_path", tmp_path / "tiny.gguf", "--export_dir", tmp_path / "out")
+    assert code == 0, err
+    assert "LlamaForCausalLM" in out and "found 2 attention sites (2 enabled)" in out
+    original = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, original(ids).logits, rtol=0, atol=0)
+    assert recorded_sparsity(reloaded.config) is not None
