@@ -7,6 +7,7 @@ K/V; negative forms must stay dense, with the reason in the report.
 from __future__ import annotations
 
 import math
+import operator
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from fxsparse.backend import SiteCompiler
 from fxsparse.graph.names import module_path
+from fxsparse.graph.match import find_attention
 from fxsparse.graph.rewrite import SiteInputs, rewrite_attention
 
 OP = torch.ops.fxsparse.skip_softmax_attention.default
@@ -170,6 +172,40 @@ def test_export_before_and_after_decompositions(attention, decompose):
     assert report.rewritten == ["self_attn"]
     q, k, v, mask = inputs(seed=3)
     torch.testing.assert_close(gm(q, k, v, mask), Block(attention())(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+aten = torch.ops.aten
+# the fused kernels' (q, k, v, ...) argument lists, with a mask where the kernel takes one
+FUSED_KERNELS = {
+    "flash": (aten._scaled_dot_product_flash_attention.default, lambda m: (0.0, True), {}),
+    "flash_cpu": (aten._scaled_dot_product_flash_attention_for_cpu.default, lambda m: (0.0, False), {"attn_mask": "m"}),
+    "efficient": (aten._scaled_dot_product_efficient_attention.default, lambda m: (m, False, 0.0, False), {}),
+    "cudnn": (aten._scaled_dot_product_cudnn_attention.default, lambda m: (m, False, 0.0, False, False), {}),
+}
+
+
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
+def test_fused_kernel_variants_match_with_their_arguments(kernel):
+    """The CUDA-only variants (built by hand here: CPU export never produces them)."""
+    target, rest, kwargs = FUSED_KERNELS[kernel]
+    graph = torch.fx.Graph()
+    q, k, v, mask = (graph.placeholder(n) for n in "qkvm")
+    for node, value in zip((q, k, v, mask), inputs(query_len=L)):
+        node.meta["val"] = value
+    args = (q, k, v, *rest(mask))
+    call = graph.call_function(target, args, {**{key: mask for key in kwargs}, "scale": 0.3})
+    call.meta["val"] = (torch.empty(B, HQ, L, D), torch.empty(B, HQ, L))
+    out = graph.call_function(operator.getitem, (call, 0))
+    out.meta["val"] = torch.empty(B, HQ, L, D)
+    graph.output(out)
+    (found,), left_dense = find_attention(graph)
+    assert not left_dense and found.output is out and (found.query, found.key, found.value) == (q, k, v)
+    assert found.scale == 0.3 and found.is_causal == (kernel == "flash")
+    assert found.mask is (None if kernel == "flash" else mask)
+
+    logsumexp = graph.call_function(operator.getitem, (call, 1))
+    graph.call_function(torch.exp, (logsumexp,))
+    assert find_attention(graph)[0] == [] and "log-sum-exp" in find_attention(graph)[1][0].reason
 
 
 @pytest.mark.parametrize(
