@@ -101,6 +101,8 @@ def peel_repeat_kv(node: Node, pattern: list[Node]) -> Node:
     repeated, original = value_of(node), value_of(source) if source is not None else None
     if original is None or repeated is None or original.dim() != 4 or repeated.dim() != 4:
         return node
+    if not all(same_size(repeated.shape[d], original.shape[d]) for d in (0, 2, 3)):
+        return node  # not a head repeat: only dim 1 may grow
     pattern.extend(chain + [expanded, unsqueezed])
     return source
 
