@@ -61,8 +61,12 @@ class SiteCompiler:
         graph_sites: dict[str, SparseSite] = {}
 
         def configure(names: list[str]) -> dict[str, SiteConfig]:
+            full_names = {name: ".".join(p for p in (prefix, name) if p) for name in names}
+            # patterns are checked against all sites at once: every site of this graph and earlier ones
+            known = [site.name for site in _sites_under(self.root or frame_root)]
+            resolved = self.config.resolve(sorted(set(known) | set(full_names.values())))
             for name in names:
-                graph_sites[name] = self._site(frame_root, prefix, name)
+                graph_sites[name] = self._site(frame_root, name, full_names[name], resolved[full_names[name]])
             return {name: site.config for name, site in graph_sites.items()}
 
         inputs = _GraphInputs(gm, graph_sites) if self.inductor else _AttributeInputs(gm, graph_sites)
@@ -93,16 +97,14 @@ class SiteCompiler:
                 return frame_root, path
         return frame_root, ""
 
-    def _site(self, frame_root: nn.Module | None, prefix: str, relative: str) -> SparseSite:
-        """The site of attention module ``relative`` (under ``frame_root``), created on first sight."""
-        name = ".".join(p for p in (prefix, relative) if p)
+    def _site(self, frame_root: nn.Module | None, relative: str, name: str, config: SiteConfig) -> SparseSite:
+        """The site of attention module ``relative`` (under ``frame_root``), created on first sight;
+        a site that exists keeps its settings."""
         owner = None
         if isinstance(frame_root, nn.Module):
             owner = frame_root.get_submodule(relative)
             if isinstance(getattr(owner, SITE_ATTRIBUTE, None), SparseSite):
                 return getattr(owner, SITE_ATTRIBUTE)
-        known = [site.name for site in (_sites_under(self.root or frame_root))]
-        config = self.config.resolve(sorted(set(known) | {name}))[name]
         site = SparseSite(name, config)
         if owner is not None:
             site.to(_device_of(owner))

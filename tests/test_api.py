@@ -160,14 +160,18 @@ def test_seed_import_path_and_default_config():
     assert site.thresholds() == pytest.approx({"prefill": 1e-3, "decode": 1e-4})
 
 
-def test_pattern_matching_no_site_lists_the_sites():
+def test_patterns_resolve_over_all_sites_and_unmatched_ones_list_them():
     model = tiny_model("llama", "eager")
     config = {"sparse_cfg": {"*attn*": {"threshold": 0.0}, "*mlp*": {"enable": False}}}
     with pytest.raises(ValueError, match=r"'\*mlp\*' matches no attention site.*model.layers.0.self_attn"):
         fxsparse.sparsify(model, config)
     assert not fxsparse.sites_of(model) and "forward" not in vars(model)
+
+    config = {"sparse_cfg": {"*attn*": {"threshold": 0.0}, "*layers.1.*": {"enable": False}}}
+    sites = fxsparse.sites_of(fxsparse.sparsify(model, config))
+    assert [site.enabled for site in sites.values()] == [True, False]
     with pytest.raises(ValueError, match="matches no attention site"):
-        fxsparse.sparsify(model, DENSE) and fxsparse.set_threshold(model, 0.1, "lm_head")
+        fxsparse.set_threshold(model, 0.1, "lm_head")
 
 
 @torch.no_grad()
