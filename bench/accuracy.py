@@ -75,12 +75,12 @@ def _kl(dense: torch.Tensor, sparse: torch.Tensor) -> float:
     return float((dense.exp() * (dense - sparse)).sum(-1).mean())
 
 
-def _niah(model, tokenizer, sites, lengths, prompts, pairs, decode_steps, seed):
+def _niah(model, tokenizer, sites, lengths, prompts, pairs, decode_steps, seed, dense=True):
     rows = []
     for length in lengths:
         pool = build_samples(tokenizer, prompts * 4, length, seed=seed, tasks=["niah_single_essay"])
         samples = [s for s in pool if s.bin == length][:prompts]
-        for label, targets in [("dense", None)] + [(f"{p:.1f}/{d:.1f}", (p, d)) for p, d in pairs]:
+        for label, targets in [("dense", None)] * dense + [(f"{p:.1f}/{d:.1f}", (p, d)) for p, d in pairs]:
             _set_mode(sites, targets)
             start, correct = time.perf_counter(), 0
             for sample in samples:
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--niah-prompts", type=int, default=4)
     parser.add_argument("--kl-length", type=int, default=2048)
     parser.add_argument("--out", default="bench/accuracy_results.json")
+    parser.add_argument("--niah-only", help="reuse the global laws of this earlier JSON; run only NIAH")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     results: dict = {"device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -117,6 +118,17 @@ def main() -> None:
     fxsparse.sparsify(model, {"sparse_cfg": {"*attn*": site_cfg, "default": {"enable": False}}})
     sites = fxsparse.sites_of(model)
     results["load_and_sparsify_s"] = time.perf_counter() - start
+
+    lengths = [int(x) for x in args.niah_lengths.split(",") if x]
+    pairs = [_pair(p) for p in args.pairs.split(",") if p]
+    if args.niah_only:
+        laws = json.loads(Path(args.niah_only).read_text())["calibration"]["laws"]
+        for site in sites.values():
+            site.set_law({p: {"a": law["a"], "b": law["b"]} for p, law in laws.items()}, 0.5)
+        results["laws_from"] = args.niah_only
+        results["niah"] = _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, 12, seed=4321, dense=False)
+        save()
+        return
 
     cfg = CalibrationConfig(samples=args.samples, max_seqlen=args.max_seqlen, chunk_size=args.max_seqlen,
                             decode_steps=args.decode_steps, heldout_samples=args.heldout)
@@ -153,8 +165,6 @@ def main() -> None:
             save()
     write_laws(sites, calibration.laws, {}, {"prefill": 0.5, "decode": 0.5})
 
-    lengths = [int(x) for x in args.niah_lengths.split(",") if x]
-    pairs = [_pair(p) for p in args.pairs.split(",") if p]
     results["niah"] = _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, 12, seed=4321)
     results["total_s"] = time.perf_counter() - start
     save()

@@ -1,0 +1,74 @@
+"""Render the JSON of ``bench/accuracy.py`` as the markdown tables of ``bench/ACCURACY.md``.
+
+    python bench/accuracy_report.py bench/accuracy_results.json > bench/ACCURACY_tables.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f} %"
+
+
+def calibration_table(results: dict) -> list[str]:
+    cal = results["calibration"]
+    lines = [f"Calibration: {cal['num_samples']} samples ({cal['num_passes']} measured passes), "
+             f"{len(cal['trials'])} trial λ in [{cal['trials'][0]:.0e}, {cal['trials'][-1]:g}], "
+             f"**{cal['seconds']:.0f} s** on {results['device']}.", "",
+             "| phase | a | b | R² | points | observed S |", "|---|---|---|---|---|---|"]
+    for phase, law in cal["laws"].items():
+        if law is None:
+            lines.append(f"| {phase} | — | — | — | — | — |")
+            continue
+        lines.append(f"| {phase} | {law['a']:.4g} | {law['b']:.3f} | {law['r2']:.3f} | {law['points']} | "
+                     f"{law['observed_min']:.2f}–{law['observed_max']:.2f} |")
+    lines += [f"- warning: {w}" for w in cal["warnings"]]
+    return lines
+
+
+def heldout_table(results: dict) -> list[str]:
+    lines = ["| target | phase | bin | achieved | error (points) | samples |", "|---|---|---|---|---|---|"]
+    for target, rows in results.get("heldout", {}).items():
+        for row in rows:
+            error = 100 * (row["achieved"] - row["target"])
+            lines.append(f"| {float(target):.1f} | {row['phase']} | {row['bin']} | {_pct(row['achieved'])} | "
+                         f"{error:+.1f} | {row['samples']} |")
+    return lines
+
+
+def kl_table(results: dict) -> list[str]:
+    lines = ["| law | target (both phases) | KL vs dense (nats/token) | achieved prefill |", "|---|---|---|---|"]
+    for row in results.get("kl", []):
+        lines.append(f"| {row['law']} | {row['target']:.1f} | {row['kl']:.4f} | {_pct(row['achieved']['prefill'])} |")
+    return lines
+
+
+def niah_table(results: dict) -> list[str]:
+    lines = ["| length | config (prefill/decode target) | correct | achieved prefill | achieved decode | time |",
+             "|---|---|---|---|---|---|"]
+    for row in results.get("niah", []):
+        lines.append(f"| {row['length']} | {row['config']} | {row['correct']}/{row['prompts']} | "
+                     f"{_pct(row['achieved']['prefill'])} | {_pct(row['achieved']['decode'])} | {row['seconds']:.0f} s |")
+    return lines
+
+
+def main(path: str) -> None:
+    results = json.loads(open(path).read())
+    sections = [
+        [f"Run: {results['date']}, {results['device']}, args `{json.dumps(results['args'])}`."],
+        calibration_table(results),
+        ["Held-out check (samples not used for the fit; the law's target set with `set_target`, no recalibration):"],
+        heldout_table(results),
+        ["Global vs per-site law, KL of next-token distributions vs dense on plain essay text:"],
+        kl_table(results),
+        ["Needle in a haystack over the essays (greedy, 12 new tokens, correct = the 7-digit number appears):"],
+        niah_table(results),
+    ]
+    print("\n\n".join("\n".join(section) for section in sections))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
