@@ -129,8 +129,7 @@ class _AttributeInputs:
 
 def attribute_inputs(graph: torch.fx.Graph, site_path: str, config: SiteConfig) -> SiteInputs:
     """``get_attr`` nodes reading the buffers of the site at ``site_path`` when the graph runs."""
-    state, trials = (graph.get_attr(f"{site_path}.{b}") for b in ("threshold_state", "trial_thresholds"))
-    stats = graph.get_attr(f"{site_path}.stats") if config.collect_stats else None
+    state, stats, trials = (graph.get_attr(f"{site_path}.{b}") for b in ("threshold_state", "stats", "trial_thresholds"))
     return SiteInputs(state, stats, trials)
 
 
@@ -152,8 +151,7 @@ class _GraphInputs:
                     node._dynamo_source = None  # not a user input; AOT autograd asks every placeholder
                     self.nodes[name][buffer], self.sources[node] = node, (site, buffer)
         nodes = self.nodes[name]
-        stats = nodes["stats"] if config.collect_stats else None
-        return SiteInputs(nodes["threshold_state"], stats, nodes["trial_thresholds"])
+        return SiteInputs(nodes["threshold_state"], nodes["stats"], nodes["trial_thresholds"])
 
     def compile_with_inductor(self, example_inputs: list) -> Callable:
         from torch._inductor.compile_fx import compile_fx

@@ -4,7 +4,8 @@ Every rewrite inserts one ``torch.ops.fxsparse.skip_softmax_attention`` call tha
 buffers of a ``SparseSite``::
 
     threshold_state   float32 (2, 5)     λ or the calibrated law per phase, and the enable flag
-    stats             int64   (2, 1 + T) [valid tiles, skipped tiles under each of T thresholds]
+    stats             int64   (2, 1 + T) [valid tiles, skipped tiles under each of T thresholds];
+                                         (0, 2) when the site does not collect stats
     trial_thresholds  float32 (T,)       empty normally; the λ grid while calibration measures
 
 The graph looks the buffers up at call time, so ``set_threshold``, ``set_law``, ``set_enabled`` and
@@ -40,8 +41,21 @@ class SparseSite(nn.Module):
         self.config = config
         state = make_threshold_state(config.threshold.to_dict(), enabled=config.enable)
         self.register_buffer("threshold_state", state, persistent=persistent)
-        self.register_buffer("stats", torch.zeros(2, 2, dtype=torch.int64), persistent=persistent)
+        self.register_buffer("stats", self._idle_stats(), persistent=persistent)
         self.register_buffer("trial_thresholds", torch.zeros(0), persistent=persistent)
+
+    def _idle_stats(self, device=None) -> torch.Tensor:
+        return torch.zeros(2 if self.config.collect_stats else 0, 2, dtype=torch.int64, device=device)
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(bfloat16) must not round λ or the law: kernels read them as float32
+        float32 = {name: getattr(self, name) for name in ("threshold_state", "trial_thresholds")}
+        super()._apply(fn, recurse)
+        for name, before in float32.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32:
+                setattr(self, name, before.to(after.device))
+        return self
 
     # -- steering (in place: the graph keeps reading the same tensors) --
 
@@ -99,7 +113,7 @@ class SparseSite(nn.Module):
         """Skipped / valid tiles per phase since the last reset (None where nothing ran)."""
         stats = self.stats.detach().cpu()
         return {
-            phase: (float(stats[row, 1]) / float(stats[row, 0]) if stats[row, 0] > 0 else None)
+            phase: (float(stats[row, 1]) / float(stats[row, 0]) if stats.numel() and stats[row, 0] > 0 else None)
             for phase, row in PHASE_ROWS.items()
         }
 
@@ -107,7 +121,7 @@ class SparseSite(nn.Module):
     def measuring(self, trial_thresholds: torch.Tensor) -> Iterator[None]:
         """Run dense while counting, per phase, the tiles each trial λ would skip.
 
-        Inside the block ``stats`` has shape (2, 1 + T); it is restored (zeroed, (2, 2)) after.
+        Inside the block ``stats`` has shape (2, 1 + T); it is restored (zeroed) after.
         """
         device = self.threshold_state.device
         self.trial_thresholds = trial_thresholds.to(device=device, dtype=torch.float32)
@@ -116,7 +130,7 @@ class SparseSite(nn.Module):
             yield
         finally:
             self.trial_thresholds = torch.zeros(0, device=device)
-            self.stats = torch.zeros(2, 2, dtype=torch.int64, device=device)
+            self.stats = self._idle_stats(device)
 
     def describe(self) -> dict:
         """A plain-dict summary: settings, threshold or law, measured sparsity."""

@@ -356,6 +356,16 @@ def test_compiled_matches_eager_without_recompiling(backend):
     assert not torch.equal(outputs[0], outputs[1])  # the new threshold was read, not baked in
 
 
+def test_inductor_compiles_the_op_without_stats():
+    """An empty stats tensor means "don't count"; Inductor cannot lower a None mutated argument."""
+    torch._dynamo.reset()
+    q, k, v = (t.float() for t in sink_inputs(query_len=100))
+    state, no_stats = make_threshold_state(0.5), torch.zeros(0, 2, dtype=torch.int64)
+    compiled = torch.compile(causal_attention, backend="inductor", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, state, no_stats), causal_attention(q, k, v, state, no_stats), rtol=0, atol=1e-6)
+    assert no_stats.numel() == 0
+
+
 @pytest.mark.parametrize(
     "lengths",
     [[(50, 100), (70, 130), (3, 200)], [(1, 131), (1, 132), (1, 140)]],
@@ -417,7 +427,7 @@ def opcheck_samples():
         return torch.zeros(2, 1 + trial_count, dtype=torch.int64)
 
     return [
-        (q, k, v, None, True, 0.3, state, 16, 16, "pytorch", None, None),
+        (q, k, v, None, True, 0.3, state, 16, 16, "pytorch", torch.zeros(0, 2, dtype=torch.int64), None),
         (q, k, v, bool_mask, False, 0.3, state, 16, 32, "pytorch", stats(), None),
         (q, k, v, additive_mask, True, 0.3, state, 32, 16, "pytorch", stats(3), trials),
         (decode_q, k, v, None, True, 0.3, state, 16, 16, "auto", stats(), None),

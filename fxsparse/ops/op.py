@@ -2,7 +2,9 @@
 
 This module imports only torch; the Triton backend is imported lazily on first CUDA use.
 The op is a ``torch.library.custom_op`` so that Dynamo, Inductor and torch.export treat it as one
-opaque node (``stats`` is declared mutated, so functionalization keeps the counting).
+opaque node (``stats`` is declared mutated, so functionalization keeps the counting). ``stats`` is
+a required tensor — an empty one means "don't count" — because Inductor cannot lower an optional
+mutated argument that is None (it emits a bare ``getitem``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _validate(q, k, v, attn_mask, scale, threshold_state, br, bc, backend, stats
             raise ValueError(f"{name} must be a positive power of two, got {size}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if stats is not None:
+    if stats.numel():
         columns = 1 + max(1, 0 if trial_thresholds is None else trial_thresholds.numel())
         if stats.dtype != torch.int64 or tuple(stats.shape) != (2, columns):
             raise ValueError(f"stats must be int64 of shape (2, {columns}), got {stats.dtype} {tuple(stats.shape)}")
@@ -82,10 +84,11 @@ def skip_softmax_attention_op(
     br: int,
     bc: int,
     backend: str,
-    stats: torch.Tensor | None,
+    stats: torch.Tensor,
     trial_thresholds: torch.Tensor | None,
 ) -> torch.Tensor:
     _validate(q, k, v, attn_mask, scale, threshold_state, br, bc, backend, stats, trial_thresholds)
+    stats = stats if stats.numel() else None
     if resolve_backend(backend, q.device) == "triton":
         from . import triton_attention  # lazy: Triton is only needed on CUDA
 
@@ -146,7 +149,7 @@ def skip_softmax_attention(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     state = as_threshold_state(threshold, q.device)
-    stats = torch.zeros(2, 2, dtype=torch.int64, device=q.device) if return_stats else None
+    stats = torch.zeros(2 if return_stats else 0, 2, dtype=torch.int64, device=q.device)
     out = torch.ops.fxsparse.skip_softmax_attention(
         q, k, v, attn_mask, is_causal, scale, state, br, bc, backend, stats, None
     )

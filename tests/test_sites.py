@@ -1,0 +1,36 @@
+"""SparseSite buffers: shapes per collect_stats, measuring mode restore, and dtype casts."""
+
+import torch
+
+from fxsparse.config import SiteConfig
+from fxsparse.ops import skip_softmax_attention_op
+from fxsparse.ops.threshold import THRESHOLD
+from fxsparse.sites import SparseSite
+
+
+def _attend(site, q, k, v):
+    return skip_softmax_attention_op(
+        q, k, v, None, True, 1.0, site.threshold_state, 4, 4, "pytorch", site.stats, site.trial_thresholds
+    )
+
+
+def test_site_without_stats_counts_nothing_and_measuring_restores_that():
+    site = SparseSite("m.attn", SiteConfig(collect_stats=False, threshold=SiteConfig().threshold))
+    q = k = v = torch.randn(1, 1, 12, 8)
+    _attend(site, q, k, v)
+    assert site.stats.shape == (0, 2) and site.sparsity() == {"prefill": None, "decode": None}
+    with site.measuring(torch.tensor([0.1, 10.0])):
+        _attend(site, q, k, v)
+        assert site.stats.shape == (2, 3) and site.stats[0, 0] == 6  # 3 causal row tiles: 1 + 2 + 3 tiles
+    assert site.stats.shape == (0, 2)
+
+
+def test_half_cast_keeps_threshold_state_float32():
+    site = SparseSite("m.attn", SiteConfig())
+    site.set_threshold(1.0001e-4)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.add_module("site", site)
+    model.half()
+    assert model[0].weight.dtype == torch.float16
+    assert site.threshold_state.dtype == torch.float32 and site.trial_thresholds.dtype == torch.float32
+    assert site.threshold_state[0, THRESHOLD].item() == torch.tensor(1.0001e-4).item()
