@@ -77,3 +77,20 @@ def test_trial_grid():
     assert len(grid) == 48 and float(grid[0]) == pytest.approx(1e-6) and float(grid[-1]) == pytest.approx(100.0)
     assert float(trial_grid(40, 1e-6, 0.99)[-1]) == pytest.approx(0.99)
     assert bool((grid[1:] > grid[:-1]).all())
+
+
+def test_per_site_fit_falls_back_to_the_model_wide_law():
+    from fxsparse.calibration.calibrate import fit_laws
+
+    trials = np.logspace(-3, 1, 20)
+    passes = []
+    for sample, kv_len in enumerate((1000.0, 2000.0, 1500.0)):
+        share = np.clip(np.log10(trials * kv_len) / 4.0, 0, 1)  # site 0 skips more as λ grows; site 1 never
+        skipped = np.stack([np.round(100 * share), np.zeros_like(share)]).astype(np.int64)
+        for phase in ("prefill", "decode"):
+            passes.append(Pass(phase, sample, kv_len, np.array([100, 100]), skipped))
+    laws, site_laws, warnings = fit_laws(passes, trials, {"prefill": 0.3, "decode": 0.3}, ["layers.0", "layers.1"])
+    assert laws["prefill"] is not None and laws["prefill"].observed_max <= 0.5
+    assert site_laws["layers.0"]["prefill"] != laws["prefill"]
+    assert site_laws["layers.1"]["prefill"] == laws["prefill"]
+    assert any("layers.1" in w and "model-wide" in w for w in warnings)

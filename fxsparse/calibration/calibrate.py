@@ -44,9 +44,9 @@ def _enabled_sites(model: nn.Module) -> dict[str, SparseSite]:
     return sites
 
 
-def _fit_phase(passes, phase, trials, target, site=None) -> tuple[LawFit | None, list[str]]:
+def _fit_phase(passes, phase, trials, target, site=None, name="") -> tuple[LawFit | None, list[str]]:
     law = fit_law(*law_points(passes, phase, trials, site))
-    where = "" if site is None else f" (site {site})"
+    where = f" ({name})" if name else ""
     if law is None:
         return None, [f"{phase}{where}: too few measured points with sparsity in [0.1, 0.9] to fit a law"]
     warnings = []
@@ -70,7 +70,7 @@ def fit_laws(passes, trials, targets, per_site_names=None):
     for index, name in enumerate(per_site_names or []):
         own = {}
         for phase in PHASE_ROWS:
-            law, notes = _fit_phase(passes, phase, trials, targets[phase], site=index)
+            law, notes = _fit_phase(passes, phase, trials, targets[phase], site=index, name=name)
             own[phase] = law if law is not None else laws[phase]
             warnings += [f"{n}; using the model-wide law" for n in notes if law is None]
         site_laws[name] = {p: law for p, law in own.items() if law is not None}
