@@ -107,7 +107,7 @@ class SiteCompiler:
                 return getattr(owner, SITE_ATTRIBUTE)
         site = SparseSite(name, config)
         if owner is not None:
-            site.to(_device_of(owner))
+            site.to(module_device(owner))
             owner.add_module(SITE_ATTRIBUTE, site)
         log.info("fxsparse: new site %s (%s)", name, config)
         return site
@@ -209,7 +209,7 @@ def _sites_under(module: nn.Module | None) -> list[SparseSite]:
     return [m for m in module.modules() if isinstance(m, SparseSite)] if module is not None else []
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def module_device(module: nn.Module) -> torch.device:
     tensor = next(iter(module.parameters()), next(iter(module.buffers()), None))
     return tensor.device if tensor is not None else torch.device("cpu")
 

@@ -26,7 +26,7 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-from .backend import SITE_ATTRIBUTE, attribute_inputs
+from .backend import module_device, SITE_ATTRIBUTE, attribute_inputs
 from .config import SKIP_SOFTMAX_DEFAULT, SiteConfig, SparseAttentionConfig
 from .graph.rewrite import RewriteReport, SiteInputs, rewrite_attention
 from .sites import SparseSite
@@ -63,7 +63,8 @@ def _rewrite(module: torch.fx.GraphModule, config: SparseAttentionConfig) -> Rew
     def configure(names: list[str]) -> dict[str, SiteConfig]:
         configs.update(config.resolve(names))
         for name, settings in configs.items():
-            _attach(module, f"{name}.{SITE_ATTRIBUTE}", SparseSite(name, settings, persistent=True))
+            site = SparseSite(name, settings, persistent=True).to(module_device(module))
+            _attach(module, f"{name}.{SITE_ATTRIBUTE}", site)
         return configs
 
     def site_inputs(name: str, settings: SiteConfig) -> SiteInputs:

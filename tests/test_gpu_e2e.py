@@ -7,11 +7,14 @@ at most twice the error of HF's own attention in the same half precision, plus a
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import fxsparse
+from fxsparse.backend import fxsparse_backend
 
 pytestmark = [
     pytest.mark.gpu,
@@ -87,7 +90,9 @@ def test_compile_backend_with_inductor_on_cuda():
     dtype = torch.bfloat16
     model = _model("sdpa", dtype)
     config = {"sparse_cfg": {"*attn*": {"threshold": 0.0, "backend": "triton"}}}
-    compiled = torch.compile(model, backend="fxsparse", options={"config": config, "inductor": True})
+    # the function itself: the device's Python may not have fxsparse installed (no entry point)
+    backend = functools.partial(fxsparse_backend, options={"config": config, "inductor": True})
+    compiled = torch.compile(model, backend=backend)
     ids = _ids(1, 700)
     _assert_within_half_precision_error(compiled(ids, use_cache=False).logits, ids, "sdpa", dtype)
     assert len(fxsparse.sites_of(model)) == 2

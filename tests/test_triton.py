@@ -147,6 +147,25 @@ def test_masks_match_reference(kind, causal):
 
 
 @here
+@pytest.mark.parametrize("form", ["bool", "additive_min", "additive_biased"])
+@pytest.mark.parametrize("lq, lk", [(45, 45), (30, 70)])
+def test_explicit_causal_mask_runs_as_causal(form, lq, lk):
+    """HF materialises the causal mask when traced; an exactly-causal mask takes the causal path."""
+    q, k, v = _inputs(2, 4, 2, lq, lk, 16, torch.float32, seed=7)
+    causal = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+    mask = causal[None, None].expand(2, 1, lq, lk).clone()
+    if form != "bool":
+        mask = torch.zeros(2, 1, lq, lk).masked_fill(~mask, torch.finfo(torch.float32).min)
+    if form == "additive_biased":
+        mask[0, 0, -1, 0] = 0.5  # a real bias: not a pure causal mask, the mask path must run
+    assert triton_attention.is_causal_mask(mask, lq, lk) == (form != "additive_biased")
+    out, stats, decisions = compare(q, k, v, lam=0.5, mask=mask, causal=False)
+    if form != "additive_biased":
+        _, causal_stats, causal_decisions = compare(q, k, v, lam=0.5, causal=True)
+        assert torch.equal(stats, causal_stats) and torch.equal(decisions, causal_decisions)
+
+
+@here
 def test_mask_summary_is_cached_and_follows_in_place_edits():
     mask = torch.ones(1, 1, 40, 40, dtype=torch.bool, device=DEVICE)
     first = triton_attention.mask_summary(mask, 16, 16, 40, 40)
