@@ -73,6 +73,7 @@ def sparsify(model: nn.Module, config: Mapping[str, Any] | None = None,
         if not sites_of(model):
             dense = "; ".join(f"{site}: {reason}" for site, reason in compiler.report.left_dense)
             raise ValueError(f"no attention found in {type(model).__name__}" + (f" (left dense: {dense})" if dense else ""))
+        config.check_patterns(sites_of(model))
     except Exception:
         _undo(model)
         raise

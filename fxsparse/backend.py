@@ -62,9 +62,12 @@ class SiteCompiler:
 
         def configure(names: list[str]) -> dict[str, SiteConfig]:
             full_names = {name: ".".join(p for p in (prefix, name) if p) for name in names}
-            # patterns are checked against all sites at once: every site of this graph and earlier ones
-            known = [site.name for site in _sites_under(self.root or frame_root)]
-            resolved = self.config.resolve(sorted(set(known) | set(full_names.values())))
+            resolved = self.config.resolve(full_names.values(), check_patterns=False)
+            if self.root is None:
+                # no warm-up to wait for (sparsify checks after its own, when every site is known):
+                # check against the sites of this graph and of earlier ones
+                known = {site.name for site in _sites_under(frame_root)} | set(full_names.values())
+                self.config.check_patterns(sorted(known))
             for name in names:
                 graph_sites[name] = self._site(frame_root, name, full_names[name], resolved[full_names[name]])
             return {name: site.config for name, site in graph_sites.items()}

@@ -236,17 +236,24 @@ class SparseAttentionConfig:
             }
         return {"sparse_cfg": sparse_cfg}
 
-    def resolve(self, site_names: Iterable[str]) -> dict[str, SiteConfig]:
-        """Settings for each site: ``default`` first, then each matching pattern in order.
-
-        A pattern that matches no site is an error listing the site names.
-        """
+    def check_patterns(self, site_names: Iterable[str]) -> None:
+        """A pattern that matches no site is an error listing the site names."""
         site_names = list(site_names)
         for pattern in self.patterns:
             if pattern != "default" and not any(fnmatch.fnmatchcase(s, pattern) for s in site_names):
                 raise ValueError(
                     f"config pattern {pattern!r} matches no attention site; sites are: {site_names}"
                 )
+
+    def resolve(self, site_names: Iterable[str], check_patterns: bool = True) -> dict[str, SiteConfig]:
+        """Settings for each site: ``default`` first, then each matching pattern in order.
+
+        With ``check_patterns``, a pattern that matches no site is an error listing the site names
+        (callers that discover sites piecewise check once they have them all).
+        """
+        site_names = list(site_names)
+        if check_patterns:
+            self.check_patterns(site_names)
         resolved = {}
         for site in site_names:
             settings = SiteConfig()
