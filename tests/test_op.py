@@ -58,8 +58,14 @@ def random_inputs(shape, *, generator, dtype=torch.float64, magnitude=1.0, sink_
 def random_mask(mask_shape, kind, *, generator, dtype=torch.float32, density=0.7, masked_row_fraction=0.2):
     """A bool (False = masked) or additive mask of ``dtype`` with some fully masked rows.
 
-    ``kind``: "bool", "additive_inf" (−inf = masked) or "additive_min" (finfo.min = masked, HF style).
+    ``kind``: "bool", "additive_inf" (−inf = masked) or "additive_min" (finfo.min = masked, HF style);
+    "causal_bool" / "causal_additive" give exactly the bottom-right causal mask (as HF materialises it).
     """
+    if kind.startswith("causal"):
+        query_len, kv_len = mask_shape[-2], mask_shape[-1]
+        allowed = torch.arange(kv_len) <= torch.arange(query_len)[:, None] + (kv_len - query_len)
+        allowed = allowed.expand(mask_shape)
+        return allowed if kind == "causal_bool" else torch.zeros(mask_shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     allowed = torch.rand(mask_shape, generator=generator) < density
     fully_masked_rows = torch.rand(mask_shape[:-1], generator=generator) < masked_row_fraction
     allowed &= ~fully_masked_rows[..., None]
@@ -155,6 +161,20 @@ def check_against_brute_force(case: dict) -> bool:
     assert tuple(stats[phase].tolist()) == expected.counts
     assert stats[1 - phase].tolist() == [0, 0]
     return expected.counts[1] > 0
+
+
+@pytest.mark.parametrize("mask_kind", ["causal_bool", "causal_additive"])
+@pytest.mark.parametrize("query_len, kv_len", [(45, 45), (30, 100), (100, 30), (1, 70)])
+@pytest.mark.parametrize("lam", [0.0, 0.05, 0.5])
+def test_exactly_causal_masks_match_brute_force(mask_kind, query_len, kv_len, lam):
+    """An explicit causal mask takes the op's causal path (fewer rows per key tile): same answers."""
+    case = {
+        "shape": (2, 4, 2, query_len, kv_len, 16, 16), "is_causal": False, "mask_kind": mask_kind,
+        "mask_shape": (2, 1, query_len, kv_len), "mask_dtype": torch.float32, "mask_rank": 4, "scale": None,
+        "lam": lam, "br": 16, "bc": 16, "magnitude": 2.0, "sink_strength": 6.0, "seed": query_len * kv_len,
+    }
+    skipped = check_against_brute_force(case)
+    assert skipped == (lam == 0.5) or 0 < lam < 0.5  # the decision path really ran
 
 
 @pytest.fixture

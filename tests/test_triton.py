@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from fxsparse.ops.masks import is_causal_mask
 from fxsparse.ops.reference import reference_attention
 from fxsparse.ops.threshold import make_threshold_state
 
@@ -158,7 +159,7 @@ def test_explicit_causal_mask_runs_as_causal(form, lq, lk):
         mask = torch.zeros(2, 1, lq, lk).masked_fill(~mask, torch.finfo(torch.float32).min)
     if form == "additive_biased":
         mask[0, 0, -1, 0] = 0.5  # a real bias: not a pure causal mask, the mask path must run
-    assert triton_attention.is_causal_mask(mask, lq, lk) == (form != "additive_biased")
+    assert is_causal_mask(mask, lq, lk) == (form != "additive_biased")
     out, stats, decisions = compare(q, k, v, lam=0.5, mask=mask, causal=False)
     if form != "additive_biased":
         _, causal_stats, causal_decisions = compare(q, k, v, lam=0.5, causal=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .masks import drop_causal_mask
 from .threshold import log_threshold, phase_of
 
 NEG_INF = float("-inf")
@@ -55,21 +56,27 @@ def normalize_mask(attn_mask: torch.Tensor | None, num_kv_heads: int, group: int
     return mask > torch.finfo(mask.dtype).min, mask
 
 
-def _masked_scores(q_grouped, k_tile, allowed, bias, is_causal, cols, query_len, kv_len, scale):
-    """Scores of one key tile, (B, Hkv, G, Lq, n), with masked entries at −inf."""
-    b, hkv, g, lq, d = q_grouped.shape
-    scores = torch.matmul(q_grouped.reshape(b, hkv, g * lq, d), k_tile.transpose(-1, -2)) * scale
-    scores = scores.view(b, hkv, g, lq, -1)
+def _masked_scores(q_grouped, k_tile, allowed, bias, is_causal, rows, cols, query_len, kv_len, scale):
+    """Scores of query rows ``rows`` (a slice) against one key tile, (B, Hkv, G, rows, n), masked = −inf."""
+    b, hkv, g, _, d = q_grouped.shape
+    q_rows = q_grouped[..., rows, :]
+    scores = torch.matmul(q_rows.reshape(b, hkv, -1, d), k_tile.transpose(-1, -2)) * scale
+    scores = scores.view(b, hkv, g, q_rows.shape[-2], -1)
     if bias is not None:
-        scores = scores + bias[..., cols].to(scores.dtype)
-    keep = None if allowed is None else allowed[..., cols]
+        scores = scores + _mask_rows(bias, rows)[..., cols].to(scores.dtype)
+    keep = None if allowed is None else _mask_rows(allowed, rows)[..., cols]
     if is_causal:
-        rows = torch.arange(query_len, device=scores.device)[:, None]
-        causal = cols[None, :] <= rows + (kv_len - query_len)  # bottom-right aligned
+        row_ids = torch.arange(query_len, device=scores.device)[rows, None]
+        causal = cols[None, :] <= row_ids + (kv_len - query_len)  # bottom-right aligned
         keep = causal if keep is None else keep & causal
     if keep is not None:
         scores = scores.masked_fill(~keep, NEG_INF)
     return scores
+
+
+def _mask_rows(mask, rows):
+    """Rows of a (…, Lq|1, Lk) mask; a broadcast row dim stays as is."""
+    return mask if mask.shape[-2] == 1 else mask[..., rows, :]
 
 
 def _tile_gaps(tile_max, running_max, block_m):
@@ -127,6 +134,7 @@ def reference_attention(
         log_lam = log_threshold(threshold_state, phase, kv_len).to(q.device)
         count_log_lams = log_lam.reshape(1)
 
+    attn_mask, is_causal = drop_causal_mask(attn_mask, is_causal, query_len, kv_len)
     q_grouped = q.to(dtype).reshape(batch, num_kv_heads, group, query_len, head_dim)
     allowed, bias = normalize_mask(attn_mask, num_kv_heads, group, query_len, kv_len)
     row_shape = (batch, num_kv_heads, group, query_len)
@@ -136,31 +144,39 @@ def reference_attention(
     valid_count = torch.zeros((), dtype=torch.int64, device=q.device)
     skip_counts = torch.zeros(count_log_lams.shape, dtype=torch.int64, device=q.device)
 
+    num_row_tiles = -(-query_len // br)
     for start in range(0, kv_len, bc):
+        # causal: query tiles that end before the first row seeing this key tile have nothing here
+        first_row = max(0, start - (kv_len - query_len)) if is_causal else 0
+        if first_row >= query_len:
+            break  # neither this key tile nor any later one is seen by any row
+        first_tile = first_row // br
+        rows = slice(first_tile * br, query_len)
         cols = torch.arange(start, min(start + bc, kv_len), device=q.device)
         scores = _masked_scores(
-            q_grouped, k[:, :, start : start + bc].to(dtype), allowed, bias, is_causal, cols, query_len, kv_len, scale
+            q_grouped, k[:, :, start : start + bc].to(dtype), allowed, bias, is_causal, rows, cols, query_len, kv_len, scale
         )
         # -- vote: compare this tile's row maxima with the running maxima of earlier tiles --
         tile_max = scores.amax(-1)
-        gaps = _tile_gaps(tile_max, running_max, br)  # (B, Hkv, G, nI)
+        gaps = _tile_gaps(tile_max, running_max[..., rows], br)  # (B, Hkv, G, nI - first_tile)
         if tile_gaps_out is not None:
-            tile_gaps_out.append(gaps.reshape(batch, num_heads, -1))
+            unseen = gaps.new_full((*gaps.shape[:-1], first_tile), NEG_INF)
+            tile_gaps_out.append(torch.cat([unseen, gaps], -1).reshape(batch, num_heads, num_row_tiles))
         valid = gaps > NEG_INF
         valid_count += valid.sum()
         skip_counts += (valid[..., None] & (gaps[..., None] < count_log_lams)).flatten(0, -2).sum(0)
-        keep_rows = (gaps >= log_lam).repeat_interleave(br, dim=-1)[..., :query_len]
+        keep_rows = (gaps >= log_lam).repeat_interleave(br, dim=-1)[..., : scores.shape[-2]]
 
         # -- online softmax over kept tiles; the running max also moves on skipped tiles, which
         #    only rescales (exact) and keeps m equal to the spec's max over all earlier tiles --
-        new_max = torch.maximum(running_max, tile_max)
+        new_max = torch.maximum(running_max[..., rows], tile_max)
         safe_max = torch.where(new_max == NEG_INF, 0.0, new_max)
-        alpha = torch.exp(running_max - safe_max)
+        alpha = torch.exp(running_max[..., rows] - safe_max)
         probs = torch.exp(scores - safe_max[..., None]) * keep_rows[..., None]
-        row_sum = row_sum * alpha + probs.sum(-1)
-        pv = torch.matmul(probs.reshape(batch, num_kv_heads, group * query_len, -1), v[:, :, start : start + bc].to(dtype))
-        acc = acc * alpha[..., None] + pv.view(*row_shape, value_dim)
-        running_max = new_max
+        row_sum[..., rows] = row_sum[..., rows] * alpha + probs.sum(-1)
+        pv = torch.matmul(probs.reshape(batch, num_kv_heads, -1, probs.shape[-1]), v[:, :, start : start + bc].to(dtype))
+        acc[..., rows, :] = acc[..., rows, :] * alpha[..., None] + pv.view(*probs.shape[:-1], value_dim)
+        running_max[..., rows] = new_max
 
     if stats is not None:
         stats[phase, 0] += valid_count.to(stats.device)

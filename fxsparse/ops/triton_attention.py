@@ -9,11 +9,11 @@ shorter than br holds all Lq rows, so its vote is still exactly the (br, bc) til
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import triton
 
+from .masks import as_4d, drop_causal_mask, per_mask
 from .threshold import phase_of
 from .triton_decode import decode_attend_kernel, decode_combine_kernel, decode_scores_kernel
 from .triton_prefill import LOG2E, prefill_kernel
@@ -44,7 +44,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 # -- explicit masks: one pass per mask tensor, cached, so every layer reuses the tile summary --
-_SUMMARY_CACHE: dict = {}
 
 
 def _mask_operand(attn_mask: torch.Tensor):
@@ -89,50 +88,10 @@ def _block_kinds(mask4: torch.Tensor, br: int, bc: int, query_len: int, kv_len: 
     return kinds
 
 
-def _per_mask(attn_mask: torch.Tensor, key: tuple, compute):
-    """``compute()`` once per mask object, version and ``key``: every layer shares one mask per forward."""
-    full_key = (id(attn_mask), *key)
-    hit = _SUMMARY_CACHE.get(full_key)
-    if hit is not None and hit[0]() is attn_mask and hit[1] == attn_mask._version:
-        return hit[2]
-    value = compute()
-    for stale in [k for k, v in _SUMMARY_CACHE.items() if v[0]() is None]:
-        del _SUMMARY_CACHE[stale]
-    _SUMMARY_CACHE[full_key] = (weakref.ref(attn_mask), attn_mask._version, value)
-    return value
-
-
-def _as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
-    while attn_mask.dim() < 4:
-        attn_mask = attn_mask.unsqueeze(0)
-    return attn_mask
-
-
 def mask_summary(attn_mask: torch.Tensor, br: int, bc: int, query_len: int, kv_len: int) -> torch.Tensor:
     """Cached ``_block_kinds``: keyed on the mask object, its version counter and the tile shape."""
-    return _per_mask(attn_mask, ("kinds", br, bc, query_len, kv_len),
-                     lambda: _block_kinds(_as_4d(attn_mask), br, bc, query_len, kv_len))
-
-
-def is_causal_mask(attn_mask: torch.Tensor, query_len: int, kv_len: int) -> bool:
-    """Whether the mask says exactly "bottom-right causal" (HF materialises one when traced).
-
-    Such a mask is then dropped for ``is_causal=True``: the causal loop bounds skip the empty tiles
-    and only diagonal tiles are masked, instead of reading the mask for every tile.
-    """
-
-    def compute() -> bool:
-        mask4 = _as_4d(attn_mask)
-        if mask4.shape[2] != query_len:
-            return False
-        rows = torch.arange(query_len, device=mask4.device)[:, None] + (kv_len - query_len)
-        causal = torch.arange(kv_len, device=mask4.device)[None, :] <= rows
-        if mask4.dtype == torch.bool:
-            return bool(torch.equal(mask4, causal.expand_as(mask4)))
-        attend = mask4 > torch.finfo(mask4.dtype).min
-        return bool(torch.equal(attend, causal.expand_as(attend)) and not mask4.masked_fill(~attend, 0).any())
-
-    return _per_mask(attn_mask, ("causal", query_len, kv_len), compute)
+    return per_mask(attn_mask, ("kinds", br, bc, query_len, kv_len),
+                    lambda: _block_kinds(as_4d(attn_mask), br, bc, query_len, kv_len))
 
 
 def _stride(t: torch.Tensor, dim: int) -> int:
@@ -190,8 +149,7 @@ def skip_softmax_attention(
     if query_len == 1:
         _launch_decode(q, k, v, out, attn_mask, scale, bc, **common)
     else:
-        if attn_mask is not None and is_causal_mask(attn_mask, query_len, kv_len):
-            attn_mask, is_causal = None, True
+        attn_mask, is_causal = drop_causal_mask(attn_mask, is_causal, query_len, kv_len)
         _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, **common)
     return out
 
