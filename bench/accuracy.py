@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--kl-length", type=int, default=2048)
     parser.add_argument("--out", default="bench/accuracy_results.json")
     parser.add_argument("--niah-only", help="reuse the global laws of this earlier JSON; run only NIAH")
+    parser.add_argument("--niah-dense", action="store_true", help="with --niah-only: also run dense")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     results: dict = {"device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -126,7 +127,7 @@ def main() -> None:
         for site in sites.values():
             site.set_law({p: {"a": law["a"], "b": law["b"]} for p, law in laws.items()}, 0.5)
         results["laws_from"] = args.niah_only
-        results["niah"] = _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, 12, seed=4321, dense=False)
+        results["niah"] = _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, 12, seed=4321, dense=args.niah_dense)
         save()
         return
 

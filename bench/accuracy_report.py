@@ -1,6 +1,6 @@
 """Render the JSON of ``bench/accuracy.py`` as the markdown tables of ``bench/ACCURACY.md``.
 
-    python bench/accuracy_report.py bench/accuracy_results.json > bench/ACCURACY_tables.md
+    python bench/accuracy_report.py bench/accuracy_results.json [more NIAH-only JSON ...]
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ def niah_table(results: dict) -> list[str]:
     return lines
 
 
-def main(path: str) -> None:
+def main(path: str, *niah_paths: str) -> None:
     results = json.loads(open(path).read())
+    for extra in niah_paths:  # runs of ``accuracy.py --niah-only`` with the same laws
+        results["niah"] = results.get("niah", []) + json.loads(open(extra).read())["niah"]
     sections = [
         [f"Run: {results['date']}, {results['device']}, args `{json.dumps(results['args'])}`."],
         calibration_table(results),
@@ -71,4 +73,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
