@@ -78,7 +78,7 @@ def test_measuring_a_model_counts_like_per_threshold_runs(tokenizer):
 
 def test_calibrate_writes_laws_and_reports_them(tokenizer, essays):
     model = tiny_llama(vocab=len(tokenizer), br=32, bc=32, sharpness=8.0)
-    result = fxsparse.calibrate(model, _config(essays), tokenizer=tokenizer, trials=TRIALS)
+    result = fxsparse.calibrate(model, _config(essays, per_site=False), tokenizer=tokenizer, trials=TRIALS)
     for phase in ("prefill", "decode"):
         law = result.laws[phase]
         assert law is not None and law.a > 0 and law.b > 0 and 0.0 <= law.r2 <= 1.0
@@ -144,7 +144,7 @@ def test_calibrate_a_model_rewritten_by_sparsify(tokenizer, essays):
     model = tiny_llama(vocab=len(tokenizer), sharpness=8.0)  # same sharpened weights, plain HF attention
     plain = LlamaForCausalLM(config).eval()
     plain.load_state_dict(model.state_dict())
-    sparse_cfg = _config(essays, heldout_samples=0, samples=3, max_seqlen=1024)
+    sparse_cfg = _config(essays, heldout_samples=0, samples=3, max_seqlen=1024, per_site=False)
     sparse_cfg["sparse_cfg"]["*attn*"].update(backend="pytorch", enable=True)
     calibration = sparse_cfg["sparse_cfg"].pop("calibration")
     fxsparse.sparsify(plain, sparse_cfg)

@@ -154,9 +154,9 @@ def test_explicit_causal_mask_runs_as_causal(form, lq, lk):
     """HF materialises the causal mask when traced; an exactly-causal mask takes the causal path."""
     q, k, v = _inputs(2, 4, 2, lq, lk, 16, torch.float32, seed=7)
     causal = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-    mask = causal[None, None].expand(2, 1, lq, lk).clone()
+    mask = causal[None, None].expand(2, 1, lq, lk).to(q.device)
     if form != "bool":
-        mask = torch.zeros(2, 1, lq, lk).masked_fill(~mask, torch.finfo(torch.float32).min)
+        mask = torch.zeros(2, 1, lq, lk, device=q.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     if form == "additive_biased":
         mask[0, 0, -1, 0] = 0.5  # a real bias: not a pure causal mask, the mask path must run
     assert is_causal_mask(mask, lq, lk) == (form != "additive_biased")
