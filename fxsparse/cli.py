@@ -45,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "optionally calibrate the threshold law, verify generation dense vs sparse, export.",
         epilog="Example: fxsparse --sparse_attn skip_softmax_calib --verify_output  "
                "(runs on the built-in SmolLM2-135M-Instruct; fetch it with `python -m fxsparse.assets fetch`).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model")
     model.add_argument("--pyt_ckpt_path", default=None,
@@ -73,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--verify_output", action="store_true",
                        help="answer one long-document question dense then sparse; print both answers, "
                             "time and measured sparsity")
-    check.add_argument("--seq_len", type=int, default=2048, help="--verify_output prompt length in tokens")
-    check.add_argument("--max_new_tokens", type=int, default=32, help="--verify_output answer length")
+    check.add_argument("--seq_len", type=int, default=2048, help="--verify_output prompt length in tokens (default: %(default)s)")
+    check.add_argument("--max_new_tokens", type=int, default=32, help="--verify_output answer length (default: %(default)s)")
     check.add_argument("--export_dir", default=None,
                        help="write a HuggingFace checkpoint with sparse_attention_config in config.json")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
