@@ -127,10 +127,10 @@ class _AttributeInputs:
         if name not in self.attributes:
             self.attributes[name] = f"{SITE_ATTRIBUTE}_{len(self.attributes)}"
             self.gm.add_submodule(self.attributes[name], site)
-        return attribute_inputs(self.gm.graph, self.attributes[name], config)
+        return attribute_inputs(self.gm.graph, self.attributes[name])
 
 
-def attribute_inputs(graph: torch.fx.Graph, site_path: str, config: SiteConfig) -> SiteInputs:
+def attribute_inputs(graph: torch.fx.Graph, site_path: str) -> SiteInputs:
     """``get_attr`` nodes reading the buffers of the site at ``site_path`` when the graph runs."""
     state, stats, trials = (graph.get_attr(f"{site_path}.{b}") for b in ("threshold_state", "stats", "trial_thresholds"))
     return SiteInputs(state, stats, trials)

@@ -68,7 +68,7 @@ def _rewrite(module: torch.fx.GraphModule, config: SparseAttentionConfig) -> Rew
         return configs
 
     def site_inputs(name: str, settings: SiteConfig) -> SiteInputs:
-        return attribute_inputs(module.graph, f"{name}.{SITE_ATTRIBUTE}", settings)
+        return attribute_inputs(module.graph, f"{name}.{SITE_ATTRIBUTE}")
 
     report = rewrite_attention(module.graph, configure, site_inputs)
     module.recompile()

@@ -28,7 +28,7 @@ class SiteInputs:
     """Graph nodes that produce one site's buffers when the graph runs."""
 
     threshold_state: Node
-    stats: Node | None
+    stats: Node  # an empty tensor when the site does not collect stats
     trial_thresholds: Node
 
 
