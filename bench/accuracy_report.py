@@ -25,6 +25,15 @@ def calibration_table(results: dict) -> list[str]:
             continue
         lines.append(f"| {phase} | {law['a']:.4g} | {law['b']:.3f} | {law['r2']:.3f} | {law['points']} | "
                      f"{law['observed_min']:.2f}–{law['observed_max']:.2f} |")
+    if cal.get("site_laws"):
+        for phase in cal["laws"]:
+            fits = [laws[phase] for laws in cal["site_laws"].values() if phase in laws]
+            if fits:
+                r2 = sorted(f["r2"] for f in fits)
+                lines.append(f"- per-site {phase}: {len(fits)}/{len(cal['site_laws'])} sites with their own law, "
+                             f"a {min(f['a'] for f in fits):.3g}–{max(f['a'] for f in fits):.3g}, "
+                             f"b {min(f['b'] for f in fits):.2f}–{max(f['b'] for f in fits):.2f}, "
+                             f"R² median {r2[len(r2) // 2]:.2f} (min {r2[0]:.2f})")
     lines += [f"- warning: {w}" for w in cal["warnings"]]
     return lines
 
@@ -59,16 +68,19 @@ def main(path: str, *niah_paths: str) -> None:
     results = json.loads(open(path).read())
     for extra in niah_paths:  # runs of ``accuracy.py --niah-only`` with the same laws
         results["niah"] = results.get("niah", []) + json.loads(open(extra).read())["niah"]
+    law = results.get("law", "global")
     sections = [
-        [f"Run: {results['date']}, {results['device']}, args `{json.dumps(results['args'])}`."],
+        [f"Run: {results['date']}, {results['device']}, law: {law}, args `{json.dumps(results['args'])}`."],
         calibration_table(results),
         ["Held-out check (samples not used for the fit; the law's target set with `set_target`, no recalibration):"],
         heldout_table(results),
-        ["Global vs per-site law, KL of next-token distributions vs dense on plain essay text:"],
-        kl_table(results),
-        ["Needle in a haystack over the essays (greedy, 12 new tokens, correct = the 7-digit number appears):"],
-        niah_table(results),
     ]
+    if results.get("kl"):
+        sections += [["Global vs per-site law, KL of next-token distributions vs dense on plain essay text:"],
+                     kl_table(results)]
+    if results.get("niah"):
+        sections += [["Needle in a haystack over the essays (greedy, 12 new tokens, correct = the 7-digit number appears):"],
+                     niah_table(results)]
     print("\n\n".join("\n".join(section) for section in sections))
 
 
