@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import drop_causal_mask
+from .masks import as_4d, drop_causal_mask
 from .threshold import log_threshold, phase_of
 
 NEG_INF = float("-inf")
@@ -43,9 +43,7 @@ def normalize_mask(attn_mask: torch.Tensor | None, num_kv_heads: int, group: int
     """
     if attn_mask is None:
         return None, None
-    mask = attn_mask
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
+    mask = as_4d(attn_mask)
     batch, heads = mask.shape[0], mask.shape[1]
     if heads == 1:
         mask = mask.unsqueeze(2)

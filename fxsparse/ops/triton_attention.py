@@ -48,9 +48,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _mask_operand(attn_mask: torch.Tensor):
     """(tensor the kernel reads, MASK_KIND 1 bool / 2 additive, masked-at-or-below value, the 4-D view)."""
-    mask = attn_mask
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
+    mask = as_4d(attn_mask)
     if mask.dtype == torch.bool:
         return mask.view(torch.uint8), 1, 0.0, mask
     return mask, 2, float(torch.finfo(mask.dtype).min), mask
