@@ -4,19 +4,29 @@ One measurement pass calibrates (``fxsparse.calibrate``); everything else reuses
 ``set_target``/``write_laws`` (no recalibration):
 
 1. held-out check: achieved prefill/decode sparsity per length bin for targets 0.3 / 0.5 / 0.7;
-2. global vs per-site law: KL of next-token distributions vs dense on plain essay text, per target;
+2. global vs per-site law: KL of next-token distributions vs dense on plain essay text, per
+   (prefill, decode) target pair, over the prefill positions and over the last ``--kl-decode``
+   tokens, fed one at a time through the KV cache (decode phase);
 3. NIAH over the essays at the given lengths: dense vs (prefill, decode) target pairs, with the
-   achieved sparsity of each run.
+   achieved sparsity of each run and the needle depth of each prompt.
+
+The dense baseline is the same rewritten model with its sites disabled. Calibration defaults are
+those of ``SKIP_SOFTMAX_CALIB`` (64 samples up to 8192 tokens): minutes on a GPU, hours on a CPU::
 
     python -m fxsparse.assets fetch
-    python bench/accuracy.py --max-seqlen 2048 --samples 8 --niah-lengths 2048 --niah-prompts 4
+    # CPU, small:
+    python bench/accuracy.py --max-seqlen 2048 --samples 8 --heldout 4 --kl-length 1024 --niah-lengths 2048 --niah-prompts 4
+    # the full run (bench/accuracy_gpu.sh):
+    python bench/accuracy.py --device cuda --backend triton --heldout 16
 
-Writes JSON (``--out``) and a markdown table (``--md``). CPU, PyTorch backend.
+Writes JSON (``--out``), saved after every step; ``bench/accuracy_report.py`` renders it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -27,13 +37,18 @@ from pathlib import Path
 import torch
 
 import fxsparse
+from fxsparse.api import COMPILER_ATTRIBUTE
 from fxsparse.assets import essays_dir, load_default_model
 from fxsparse.calibration.calibrate import fit_laws, heldout_check, write_laws
-from fxsparse.calibration.measure import run_sample
-from fxsparse.calibration.samples import build_samples
+from fxsparse.calibration.measure import cache_kwargs, run_sample
+from fxsparse.calibration.samples import Sample, build_samples, length_bins
 from fxsparse.calibration.tasks import Corpus
-from fxsparse.config import CalibrationConfig
+from fxsparse.config import SKIP_SOFTMAX_CALIB, SparseAttentionConfig
 from fxsparse.sites import PHASE_ROWS
+
+PRESET = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_CALIB).calibration
+NIAH_SEED = 4321
+NIAH_NEW_TOKENS = 12
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -66,63 +81,112 @@ def _kl_text(tokenizer, length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _log_probs(model, ids) -> torch.Tensor:
-    return torch.log_softmax(model(input_ids=ids, logits_to_keep=0).logits.float(), -1)
+def _log_probs(model, ids: torch.Tensor, decode_tokens: int) -> torch.Tensor:
+    """Next-token log-probs (1, L, V) at every position of ``ids`` (1, L): one prefill forward over all
+    but the last ``decode_tokens`` tokens, then those fed one at a time through the KV cache."""
+    split = ids.shape[1] - decode_tokens
+    kwargs = cache_kwargs(model)
+    logits = [model(input_ids=ids[:, :split], **{**kwargs, "logits_to_keep": 0}).logits]
+    logits += [model(input_ids=ids[:, t : t + 1], **kwargs).logits for t in range(split, ids.shape[1])]
+    return torch.log_softmax(torch.cat(logits, 1).float(), -1)
 
 
-def _kl(dense: torch.Tensor, sparse: torch.Tensor) -> float:
-    """Mean over positions of KL(dense ‖ sparse) of the next-token distributions, in nats."""
-    return float((dense.exp() * (dense - sparse)).sum(-1).mean())
+def _kl(dense: torch.Tensor, sparse: torch.Tensor, decode_tokens: int) -> dict[str, float | None]:
+    """Mean KL(dense ‖ sparse) of the next-token distributions, in nats, over each phase's positions."""
+    per_position = (dense.exp() * (dense - sparse)).sum(-1)[0]
+    split = per_position.numel() - decode_tokens
+    return {"kl_prefill": float(per_position[:split].mean()),
+            "kl_decode": float(per_position[split:].mean()) if decode_tokens else None}
 
 
-def _niah(model, tokenizer, sites, lengths, prompts, pairs, decode_steps, seed, dense=True):
-    rows = []
+def _niah_prompts(tokenizer, length: int, prompts: int) -> list[Sample]:
+    """The first ``prompts`` single-needle prompts of bin ``length`` (sample i lands in bin i % bins,
+    so the pool of ``prompts`` × bins holds them, and they do not depend on the pool size)."""
+    pool = build_samples(tokenizer, prompts * len(length_bins(length)), length, seed=NIAH_SEED,
+                         tasks=["niah_single_essay"])
+    return [s for s in pool if s.bin == length][:prompts]
+
+
+def _depth(tokenizer, sample: Sample) -> float:
+    """Where the needle sits, as a fraction of the prompt text (0 = start, 1 = end)."""
+    text = tokenizer.decode(sample.input_ids)
+    return round(text.find(sample.answers[0]) / len(text), 3)
+
+
+def _niah(model, tokenizer, sites, lengths, prompts, pairs, dense=True):
+    """Yields one row per (length, config): needles found (and which), achieved sparsity, time."""
+    configs = [("dense", None)] * dense + [(f"{p:.1f}/{d:.1f}", (p, d)) for p, d in pairs]
     for length in lengths:
-        pool = build_samples(tokenizer, prompts * 4, length, seed=seed, tasks=["niah_single_essay"])
-        samples = [s for s in pool if s.bin == length][:prompts]
-        for label, targets in [("dense", None)] * dense + [(f"{p:.1f}/{d:.1f}", (p, d)) for p, d in pairs]:
+        samples = _niah_prompts(tokenizer, length, prompts)
+        depths = [_depth(tokenizer, s) for s in samples]
+        for label, targets in configs:
             _set_mode(sites, targets)
-            start, correct = time.perf_counter(), 0
+            start, hits = time.perf_counter(), []
             for sample in samples:
-                out = tokenizer.decode(run_sample(model, sample.input_ids, length, decode_steps))
-                correct += all(a in out for a in sample.answers)
-            rows.append({"length": length, "config": label, "correct": correct, "prompts": len(samples),
-                         "achieved": _achieved(sites), "seconds": time.perf_counter() - start})
-            logging.info("NIAH %s", rows[-1])
-    return rows
+                out = tokenizer.decode(run_sample(model, sample.input_ids, length, NIAH_NEW_TOKENS))
+                hits.append(all(a in out for a in sample.answers))
+            row = {"length": length, "config": label, "correct": sum(hits), "prompts": len(samples),
+                   "achieved": _achieved(sites), "seconds": time.perf_counter() - start}
+            logging.info("NIAH %s", row)
+            yield {**row, "hits": hits, "depths": depths}
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict, name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = round(time.perf_counter() - start, 1)
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        import triton
+
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, triton {triton.__version__})"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--max-seqlen", type=int, default=2048)
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--heldout", type=int, default=4)
-    parser.add_argument("--decode-steps", type=int, default=4)
-    parser.add_argument("--targets", default="0.3,0.5,0.7", help="held-out and KL targets (both phases)")
-    parser.add_argument("--pairs", default="0.3/0.3,0.5/0.5,0.7/0.7,0.5/0.3", help="NIAH (prefill/decode) targets")
-    parser.add_argument("--niah-lengths", default="2048")
-    parser.add_argument("--niah-prompts", type=int, default=4)
-    parser.add_argument("--kl-length", type=int, default=2048, help="0: skip the KL comparison")
+    parser.add_argument("--max-seqlen", type=int, default=PRESET.max_seqlen)
+    parser.add_argument("--samples", type=int, default=PRESET.samples)
+    parser.add_argument("--heldout", type=int, default=PRESET.heldout_samples)
+    parser.add_argument("--decode-steps", type=int, default=PRESET.decode_steps)
+    parser.add_argument("--chunk-size", type=int, default=PRESET.chunk_size)
+    parser.add_argument("--targets", default="0.3,0.5,0.7", help="held-out targets (both phases)")
+    parser.add_argument("--pairs", default="0.3/0.3,0.5/0.5,0.7/0.7,0.3/0.5,0.5/0.3",
+                        help="KL and NIAH (prefill/decode) targets")
+    parser.add_argument("--niah-lengths", default="2048,4096,8192")
+    parser.add_argument("--niah-prompts", type=int, default=20)
+    parser.add_argument("--kl-length", type=int, default=4096, help="0: skip the KL comparison")
+    parser.add_argument("--kl-decode", type=int, default=32, help="last tokens of the KL text run as decode steps")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="pytorch", choices=["pytorch", "triton"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", default="bench/accuracy_results.json")
     parser.add_argument("--niah-only", help="reuse the laws of this earlier JSON (per-site if it has them); run only NIAH")
     parser.add_argument("--global-law", action="store_true", help="with --niah-only: use the model-wide law only")
     parser.add_argument("--niah-dense", action="store_true", help="with --niah-only: also run dense")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    results: dict = {"device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+    results: dict = {"device": _device_name(args.device),
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                     "args": vars(args)}
+                     "args": vars(args), "seconds": {}}
+    seconds = results["seconds"]
     save = lambda: Path(args.out).write_text(json.dumps(results, indent=1))  # noqa: E731
 
     start = time.perf_counter()
-    model, tokenizer = load_default_model()
-    site_cfg = {"br": 128, "bc": 128, "backend": "pytorch", "enable": True}
-    fxsparse.sparsify(model, {"sparse_cfg": {"*attn*": site_cfg, "default": {"enable": False}}})
-    sites = fxsparse.sites_of(model)
-    results["load_and_sparsify_s"] = time.perf_counter() - start
+    with _timed(seconds, "load_and_sparsify"):
+        model, tokenizer = load_default_model(args.device, getattr(torch, args.dtype))
+        site_cfg = {"br": 128, "bc": 128, "backend": args.backend, "enable": True}
+        fxsparse.sparsify(model, {"sparse_cfg": {"*attn*": site_cfg, "default": {"enable": False}}})
+        sites = fxsparse.sites_of(model)
 
     lengths = [int(x) for x in args.niah_lengths.split(",") if x]
     pairs = [_pair(p) for p in args.pairs.split(",") if p]
+    results["niah"] = []
     if args.niah_only:
         saved = json.loads(Path(args.niah_only).read_text())["calibration"]
         site_laws = {} if args.global_law else saved.get("site_laws", {})
@@ -131,56 +195,65 @@ def main() -> None:
             site.set_law({p: {"a": law["a"], "b": law["b"]} for p, law in chosen.items() if law}, 0.5)
         results["laws_from"] = args.niah_only
         results["law"] = "per_site" if site_laws else "global"
-        results["niah"] = _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, 12, seed=4321, dense=args.niah_dense)
-        save()
+        with _timed(seconds, "niah"):
+            for row in _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, dense=args.niah_dense):
+                results["niah"].append(row)
+                save()
         return
 
-    cfg = CalibrationConfig(samples=args.samples, max_seqlen=args.max_seqlen, chunk_size=args.max_seqlen,
-                            decode_steps=args.decode_steps, heldout_samples=args.heldout)
-    calibration = fxsparse.calibrate(model, cfg, tokenizer=tokenizer)
+    cfg = dataclasses.replace(PRESET, samples=args.samples, max_seqlen=args.max_seqlen, chunk_size=args.chunk_size,
+                              decode_steps=args.decode_steps, heldout_samples=args.heldout)
+    results["calibration_config"] = cfg.to_dict()
+    with _timed(seconds, "calibration"):
+        calibration = fxsparse.calibrate(model, cfg, tokenizer=tokenizer)
     results["calibration"] = calibration.to_dict()
+    results["law"] = "per_site" if calibration.site_laws else "global"
     results["passes"] = [{"phase": p.phase, "sample": p.sample, "kv_len": p.kv_len, "valid": p.valid.tolist(),
                           "skipped": p.skipped.tolist()} for p in calibration.passes]
     logging.info("\n%s", calibration.format())
     save()
 
     heldout = build_samples(tokenizer, args.samples + args.heldout, args.max_seqlen, seed=cfg.seed)[args.samples:]
-    targets = [float(t) for t in args.targets.split(",")]
     results["heldout"] = {}
     cfg_targets = cfg.target_sparse_ratio.to_dict()
-    for target in targets:
-        if calibration.heldout and all(abs(t - target) < 1e-9 for t in cfg_targets.values()):
-            # calibrate() already ran the held-out check at its own targets on the same samples
-            results["heldout"][str(target)] = [vars(r) for r in calibration.heldout]
-            continue
-        _set_mode(sites, (target, target))
-        rows = heldout_check(model, sites, heldout, cfg, {"prefill": target, "decode": target})
-        results["heldout"][str(target)] = [vars(r) for r in rows]
-        logging.info("held-out %.1f: %s", target, [(r.phase, r.bin, round(r.achieved, 3)) for r in rows])
-        save()
-
-    # -- global vs per-site law at the same targets: KL vs dense and achieved sparsity on essay text --
-    site_fit = fit_laws(calibration.passes, calibration.trials, {"prefill": 0.5, "decode": 0.5}, list(sites))
-    calibrated_site_laws = site_fit[1] if cfg.per_site else {}
-    results["law"] = "per_site" if calibrated_site_laws else "global"
-    if args.kl_length <= 0:
-        targets = []
-    ids = _kl_text(tokenizer, max(args.kl_length, 1))
-    _set_mode(sites, None)
-    dense = _log_probs(model, ids) if targets else None
-    results["kl"] = []
-    for mode, site_laws in (("global", {}), ("per_site", site_fit[1])):
-        write_laws(sites, calibration.laws, site_laws, {"prefill": 0.5, "decode": 0.5})
-        for target in targets:
+    with _timed(seconds, "heldout"):
+        for target in [float(t) for t in args.targets.split(",") if t]:
+            if calibration.heldout and all(abs(t - target) < 1e-9 for t in cfg_targets.values()):
+                # calibrate() already ran the held-out check at its own targets on the same samples
+                results["heldout"][str(target)] = [vars(r) for r in calibration.heldout]
+                continue
             _set_mode(sites, (target, target))
-            kl = _kl(dense, _log_probs(model, ids))
-            results["kl"].append({"law": mode, "target": target, "kl": kl, "achieved": _achieved(sites)})
-            logging.info("KL %s", results["kl"][-1])
+            rows = heldout_check(model, sites, heldout, cfg, {"prefill": target, "decode": target})
+            results["heldout"][str(target)] = [vars(r) for r in rows]
+            logging.info("held-out %.1f: %s", target, [(r.phase, r.bin, round(r.achieved, 3)) for r in rows])
             save()
-    write_laws(sites, calibration.laws, calibrated_site_laws, {"prefill": 0.5, "decode": 0.5})  # NIAH: as calibrated
 
-    results["niah"] = _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, 12, seed=4321)
+    # -- global vs per-site law at the same target pairs: KL vs dense and achieved sparsity on essay text --
+    site_fit = fit_laws(calibration.passes, calibration.trials, cfg_targets, list(sites))
+    calibrated_site_laws = site_fit[1] if cfg.per_site else {}
+    results["kl"] = []
+    if args.kl_length > 0 and pairs:
+        with _timed(seconds, "kl"):
+            ids = _kl_text(tokenizer, args.kl_length).to(args.device)
+            _set_mode(sites, None)
+            dense = _log_probs(model, ids, args.kl_decode)
+            for mode, site_laws in (("global", {}), ("per_site", site_fit[1])):
+                write_laws(sites, calibration.laws, site_laws, cfg_targets)
+                for pair in pairs:
+                    _set_mode(sites, pair)
+                    kl = _kl(dense, _log_probs(model, ids, args.kl_decode), args.kl_decode)
+                    results["kl"].append({"law": mode, "targets": list(pair), **kl, "achieved": _achieved(sites)})
+                    logging.info("KL %s", results["kl"][-1])
+                    save()
+            del dense
+    write_laws(sites, calibration.laws, calibrated_site_laws, cfg_targets)  # NIAH: as calibrated
+
+    with _timed(seconds, "niah"):
+        for row in _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs):
+            results["niah"].append(row)
+            save()
     results["total_s"] = time.perf_counter() - start
+    results["graph_compiles"] = getattr(model, COMPILER_ATTRIBUTE).compiles
     save()
 
 

@@ -48,18 +48,39 @@ def heldout_table(results: dict) -> list[str]:
     return lines
 
 
+def _kl(value) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
 def kl_table(results: dict) -> list[str]:
-    lines = ["| law | target (both phases) | KL vs dense (nats/token) | achieved prefill |", "|---|---|---|---|"]
+    """KL per law and (prefill, decode) target pair; older runs had one target and prefill positions only."""
+    lines = ["| law | targets (prefill/decode) | KL, prefill positions | KL, decode positions | achieved prefill | "
+             "achieved decode |", "|---|---|---|---|---|---|"]
     for row in results.get("kl", []):
-        lines.append(f"| {row['law']} | {row['target']:.1f} | {row['kl']:.4f} | {_pct(row['achieved']['prefill'])} |")
+        prefill, decode = row.get("targets") or (row["target"], row["target"])
+        lines.append(f"| {row['law']} | {prefill:.1f}/{decode:.1f} | {_kl(row.get('kl_prefill', row.get('kl')))} | "
+                     f"{_kl(row.get('kl_decode'))} | {_pct(row['achieved']['prefill'])} | "
+                     f"{_pct(row['achieved'].get('decode'))} |")
     return lines
 
 
+def _by_depth(row: dict) -> str:
+    """Needles found per third of the prompt (shallow / middle / deep), when the row records them."""
+    if "hits" not in row:
+        return "—"
+    thirds = [[0, 0], [0, 0], [0, 0]]
+    for hit, depth in zip(row["hits"], row["depths"]):
+        third = thirds[min(int(depth * 3), 2)]
+        third[0] += hit
+        third[1] += 1
+    return " · ".join(f"{found}/{total}" for found, total in thirds)
+
+
 def niah_table(results: dict) -> list[str]:
-    lines = ["| length | config (prefill/decode target) | correct | achieved prefill | achieved decode | time |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| length | config (prefill/decode target) | correct | found by needle depth (0–⅓ · ⅓–⅔ · ⅔–1) | achieved prefill | "
+             "achieved decode | time |", "|---|---|---|---|---|---|---|"]
     for row in results.get("niah", []):
-        lines.append(f"| {row['length']} | {row['config']} | {row['correct']}/{row['prompts']} | "
+        lines.append(f"| {row['length']} | {row['config']} | {row['correct']}/{row['prompts']} | {_by_depth(row)} | "
                      f"{_pct(row['achieved']['prefill'])} | {_pct(row['achieved']['decode'])} | {row['seconds']:.0f} s |")
     return lines
 
@@ -69,14 +90,19 @@ def main(path: str, *niah_paths: str) -> None:
     for extra in niah_paths:  # runs of ``accuracy.py --niah-only`` with the same laws
         results["niah"] = results.get("niah", []) + json.loads(open(extra).read())["niah"]
     law = results.get("law", "global")
-    sections = [
-        [f"Run: {results['date']}, {results['device']}, law: {law}, args `{json.dumps(results['args'])}`."],
-        calibration_table(results),
+    run = f"Run: {results['date']}, {results['device']}, law: {law}, args `{json.dumps(results['args'])}`."
+    if results.get("seconds"):
+        run += f" Seconds per step: {json.dumps(results['seconds'])}."
+    sections = [[run]]
+    if results.get("calibration"):  # absent when a run stopped before calibration finished
+        sections.append(calibration_table(results))
+    sections += [
         ["Held-out check (samples not used for the fit; the law's target set with `set_target`, no recalibration):"],
         heldout_table(results),
     ]
     if results.get("kl"):
-        sections += [["Global vs per-site law, KL of next-token distributions vs dense on plain essay text:"],
+        sections += [["Global vs per-site law, KL of next-token distributions vs dense on plain essay text "
+                      "(decode positions: the last tokens, fed one at a time after the prefill):"],
                      kl_table(results)]
     if results.get("niah"):
         sections += [["Needle in a haystack over the essays (greedy, 12 new tokens, correct = the 7-digit number appears):"],

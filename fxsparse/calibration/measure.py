@@ -108,18 +108,24 @@ def merge_decode(passes: Sequence[Pass]) -> list[Pass]:
     return out
 
 
+def cache_kwargs(model: nn.Module) -> dict:
+    """Keyword arguments that run ``model`` through a fresh DynamicCache (the argument is ``cache`` in
+    newer transformers, ``past_key_values`` in older), keeping only the last position's logits."""
+    from transformers import DynamicCache
+
+    names = inspect.signature(model.forward).parameters
+    kwargs = {"cache" if "cache" in names else "past_key_values": DynamicCache(), "use_cache": True}
+    if "logits_to_keep" in names:
+        kwargs["logits_to_keep"] = 1  # only the last position's logits: an 8k×49k float tensor is 1.6 GB
+    return kwargs
+
+
 @torch.no_grad()
 def run_sample(model: nn.Module, input_ids: Sequence[int], chunk_size: int, decode_steps: int) -> list[int]:
     """Chunked prefill through a DynamicCache, then ``decode_steps`` greedy steps; returns the new tokens."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-    cache = DynamicCache()
-    names = inspect.signature(model.forward).parameters
-    kwargs = {"cache" if "cache" in names else "past_key_values": cache, "use_cache": True}
-    if "logits_to_keep" in names:
-        kwargs["logits_to_keep"] = 1  # only the last position's logits: an 8k×49k float tensor is 1.6 GB
+    kwargs = cache_kwargs(model)
     logits = None
     for start in range(0, ids.shape[1], chunk_size):
         logits = model(input_ids=ids[:, start : start + chunk_size], **kwargs).logits
