@@ -33,6 +33,7 @@ def prefill_config(d_pad: int, block_m: int, block_n: int) -> tuple[int, int]:
 
 
 PREFILL_OVERRIDES: dict = {}  # bench/gpu_check.py sweeps: num_warps, num_stages, skip_v_load, tma
+DECODE_OVERRIDES: dict = {}  # for GPU sweeps: waves, num_stages (attend), scores_num_stages, min_tiles_per_split
 
 
 def _pow2(n: int, floor: int = MIN_BLOCK) -> int:
@@ -224,8 +225,13 @@ def _num_sms(device) -> int:
 
 
 def decode_splits(num_programs: int, num_tiles: int, device) -> int:
-    """Enough splits of the KV range for DECODE_WAVES programs per multiprocessor (they hide load latency)."""
-    return max(1, min(num_tiles, triton.cdiv(DECODE_WAVES * _num_sms(device), num_programs)))
+    """Enough splits of the KV range for DECODE_WAVES programs per multiprocessor (they hide load latency).
+
+    ``DECODE_OVERRIDES``: "waves" replaces DECODE_WAVES; "min_tiles_per_split" (default 1) bounds the splits.
+    """
+    waves = DECODE_OVERRIDES.get("waves", DECODE_WAVES)
+    max_splits = triton.cdiv(num_tiles, DECODE_OVERRIDES.get("min_tiles_per_split", 1))
+    return max(1, min(max_splits, triton.cdiv(waves * _num_sms(device), num_programs)))
 
 
 def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_mode, num_trials, stats_cols,
@@ -248,6 +254,8 @@ def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_
     part_acc = torch.empty(batch, num_heads, splits, dv_pad, **f32)
     part_l = torch.empty(batch, num_heads, splits, **f32)
     part_m = torch.empty(batch, num_heads, splits, **f32)
+    keep_rows = torch.empty(batch, num_heads, num_tiles, dtype=torch.int32, device=q.device)  # per row and tile
+    kept = torch.empty(batch * num_kv_heads, num_tiles, dtype=torch.int32, device=q.device)  # per split, compacted
     if attn_mask is not None:
         mask_t, mask_kind, mask_min, mask4 = _mask_operand(attn_mask)
         m_strides = [_stride(mask4, 0), _stride(mask4, 1), _stride(mask4, 3)]
@@ -261,20 +269,21 @@ def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_
         scores.stride(0), scores.stride(1), tile_max.stride(0), tile_max.stride(1),
         num_kv_heads, group, kv_len, tiles_per_split, num_tiles, float(scale), mask_min,
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n,
-        MASK_KIND=mask_kind, DOT_PRECISION=precision, num_warps=num_warps, num_stages=3,
+        MASK_KIND=mask_kind, DOT_PRECISION=precision, num_warps=num_warps,
+        num_stages=DECODE_OVERRIDES.get("scores_num_stages", 3),
     )
     dec = decisions_out if decisions_out is not None else dummy
     decode_attend_kernel[grid](
         v, scores, tile_max, state, trials2 if trials2 is not None else state,
-        stats if stats is not None else dummy, dec, part_acc, part_l, part_m,
+        stats if stats is not None else dummy, dec, keep_rows, kept, part_acc, part_l, part_m,
         v.stride(0), v.stride(1), v.stride(2), scores.stride(0), scores.stride(1),
-        tile_max.stride(0), tile_max.stride(1),
+        tile_max.stride(0), tile_max.stride(1), keep_rows.stride(0), keep_rows.stride(1),
         dec.stride(0) if decisions_out is not None else 0, dec.stride(1) if decisions_out is not None else 0,
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase_of(1), num_trials, stats_cols,
         VALUE_DIM=value_dim, DV_PAD=dv_pad, BLOCK_G=block_g, BLOCK_N=block_n, PREFIX_CHUNK=256,
         T_PAD=_pow2(num_trials, 2), COUNT_MODE=count_mode, DEBUG=decisions_out is not None,
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=3,
+        DOT_PRECISION=precision, num_warps=num_warps, num_stages=DECODE_OVERRIDES.get("num_stages", 3),
     )
     decode_combine_kernel[(batch * num_heads,)](
         part_acc, part_l, part_m, out,

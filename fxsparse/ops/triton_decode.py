@@ -2,15 +2,25 @@
 
 For Lq = 1 every (batch, query head) is its own query tile of one row, so each head votes for itself.
 The G = Hq/Hkv query heads of one KV head are packed as the rows of one program (one K/V read serves
-them all); a row's skipped tile is masked out of that row only, and V is read only when some row keeps.
+them all); a row's skipped tile is masked out of that row only, and V is read only for tiles some row keeps.
 
 The vote needs m = max over *all* earlier key tiles, which a split of the KV range does not see, so
 decode runs in three launches (scores are Lq·Lk = Lk floats per head, small beside K and V)::
 
     1. scores:  per split, s = q·kᵀ (exp2 space) → scratch, and the row max m̃ of every key tile
-    2. attend:  per split, m = max of m̃ over earlier tiles (a short prefix scan), vote per row,
-                kept tiles only: p = exp2(s − m), V load, P·V; partial (acc, l, m) per split
+    2. attend:  per split, m = max of m̃ over earlier tiles (a short prefix scan), then two loops:
+                  decide  every tile of the split, [G] maxima each: the rows' votes → keep_rows,
+                          the tiles some row keeps → a compacted kept list; per row
+                          m_ref = max of m̃ over the tiles it keeps
+                  attend  the kept list only: p = exp2(s − m_ref) where the row keeps the tile,
+                          else 0; V load; P·V. Partial (acc, l, m_ref) per split
     3. combine: rescale the partials to one max and normalise (empty rows → 0)
+
+Why decide first: with the vote inside the P·V loop, the V load sat behind a data-dependent ``if`` and
+the loop carried an online-softmax rescale, and Triton's software pipeliner gave up on it. Deciding
+first fixes each row's reference max before the second loop, so that loop has no branch and no rescale
+(p ≤ 1, and l ≥ 1 for a row that keeps anything), and the pipeliner overlaps the V loads of the next
+kept tiles with this one's P·V.
 """
 
 from __future__ import annotations
@@ -79,16 +89,21 @@ def decode_scores_kernel(
 
 @triton.jit
 def decode_attend_kernel(
-    v_ptr, scores_ptr, tile_max_ptr, state_ptr, trials_ptr, stats_ptr, dec_ptr,
+    v_ptr, scores_ptr, tile_max_ptr, state_ptr, trials_ptr, stats_ptr, dec_ptr, keep_rows_ptr, kept_ptr,
     part_acc_ptr, part_l_ptr, part_m_ptr,
-    stride_vb, stride_vh, stride_vn, stride_sb, stride_sh, stride_tb, stride_th,
+    stride_vb, stride_vh, stride_vn, stride_sb, stride_sh, stride_tb, stride_th, stride_rb, stride_rh,
     stride_db, stride_dh, stride_pb, stride_ph, stride_ps,
     num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase, num_trials, stats_cols,
     VALUE_DIM: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFIX_CHUNK: tl.constexpr, T_PAD: tl.constexpr, COUNT_MODE: tl.constexpr, DEBUG: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (splits, B·Hkv): per-row votes and the partial softmax of kept tiles."""
+    """Grid (splits, B·Hkv): per-row votes, then the partial softmax of the kept tiles.
+
+    Scratch: keep_rows int32 (B, Hq, num_tiles), each row's keep flag per tile (int32: 4-byte loads are
+    the narrowest the pipeliner copies asynchronously); kept int32 (B·Hkv, num_tiles), per split the
+    tiles some row keeps, in order, from the split's first tile on.
+    """
     split = tl.program_id(0)
     b = (tl.program_id(1) // num_kv_heads).to(tl.int64)  # 64-bit offsets: B·Hkv·Lk·D passes 2^31
     h_kv = (tl.program_id(1) % num_kv_heads).to(tl.int64)
@@ -98,6 +113,7 @@ def decode_attend_kernel(
     heads = h_kv * group + offs_g
     row_scores = scores_ptr + b * stride_sb + heads[:, None] * stride_sh
     row_tile_max = tile_max_ptr + b * stride_tb + heads * stride_th
+    row_keep = keep_rows_ptr + b * stride_rb + heads * stride_rh
     v_base = v_ptr + b * stride_vb + h_kv * stride_vh
 
     log_lam2 = log2_threshold(state_ptr, phase, kv_len)
@@ -116,14 +132,15 @@ def decode_attend_kernel(
         offs_c = chunk + tl.arange(0, PREFIX_CHUNK)
         prev = tl.load(row_tile_max[:, None] + offs_c[None, :], mask=g_ok[:, None] & (offs_c[None, :] < tile_lo), other=float("-inf"))
         m_i = tl.maximum(m_i, tl.max(prev, 1))
+    # (keep m_i's use after this loop single: Triton 3.6 asserts that when it makes this max thread-local)
 
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, DV_PAD], tl.float32)
+    # -- decide: votes from the tile maxima alone; keep flags per row, kept tiles compacted --
+    kept_base = kept_ptr + tl.program_id(1).to(tl.int64) * num_tiles + tile_lo
+    m_ref = tl.full([BLOCK_G], float("-inf"), tl.float32)  # per row: max of m̃ over the tiles it keeps
+    n_kept = tl.zeros([], tl.int32)
     n_valid = tl.zeros([], tl.int32)
     counts = tl.zeros([T_PAD], tl.int32)
     for tile in range(tile_lo, tile_hi):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < kv_len
         # -- vote: each row (query head) is its own query tile --
         m_tile = tl.load(row_tile_max + tile, mask=g_ok, other=float("-inf"))
         gap = tl.where(m_tile == float("-inf"), float("-inf"), tl.where(m_i == float("-inf"), float("inf"), m_tile - m_i))
@@ -134,26 +151,40 @@ def decode_attend_kernel(
             counts += tl.sum((valid[:, None] & (gap[:, None] < trials2[None, :])).to(tl.int32), 0)
         if DEBUG:
             tl.store(dec_ptr + b * stride_db + heads * stride_dh + tile, keep.to(tl.int8), mask=g_ok)
+        tl.store(row_keep + tile, keep.to(tl.int32), mask=g_ok)
+        any_keep = tl.max(keep.to(tl.int32), 0)
+        tl.store(kept_base + n_kept, tile, mask=any_keep > 0)  # branch-free append
+        n_kept += any_keep
+        m_ref = tl.where(keep, tl.maximum(m_ref, m_tile), m_ref)
+        m_i = tl.maximum(m_i, m_tile)  # skipped tiles move the running max too (SPEC §4's m)
+    tl.debug_barrier()  # the CTA's keep flags and kept list are visible to all its threads
 
-        # -- online softmax over the kept tiles of each row --
-        m_new = tl.maximum(m_i, m_tile)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-        if tl.max(keep.to(tl.int32)) > 0:  # V is read only when some row keeps the tile
-            s = tl.load(row_scores + offs_n[None, :], mask=keep[:, None] & n_ok[None, :], other=float("-inf"))
-            p = tl.math.exp2(s - m_safe[:, None])
-            l_i += tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+    # -- attend: the kept tiles only; m_ref is fixed, so no rescale and no branch --
+    m_safe = tl.where(m_ref == float("-inf"), 0.0, m_ref)
+    l_tile = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)  # row sums taken once, after the loop
+    acc = tl.zeros([BLOCK_G, DV_PAD], tl.float32)
+    # The kept list is read one trip ahead: no address in a trip then depends on a load of the same trip,
+    # so the pipeliner issues the flag, score and V loads num_stages − 1 trips ahead (an index loaded in
+    # the trip would halve that depth).
+    tile = tl.load(kept_base, mask=n_kept > 0, other=0)
+    for idx in range(0, n_kept):
+        next_tile = tl.load(kept_base + idx + 1, mask=idx + 1 < n_kept, other=0)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_len
+        keeps = tl.load(row_keep + tile, mask=g_ok, other=0) != 0
+        s = tl.load(row_scores + offs_n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=float("-inf"))
+        p = tl.where(keeps[:, None], tl.math.exp2(s - m_safe[:, None]), 0.0)
+        l_tile += p
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        tile = next_tile
+    l_i = tl.sum(l_tile, 1)
 
     # -- partial result of this split, relative to its own reference max --
     part = b * stride_pb + heads * stride_ph + split * stride_ps
     tl.store(part_acc_ptr + part[:, None] * DV_PAD + offs_dv[None, :], acc, mask=g_ok[:, None])
     tl.store(part_l_ptr + part, l_i, mask=g_ok)
-    tl.store(part_m_ptr + part, m_i, mask=g_ok)  # −inf: this split attends nothing
+    tl.store(part_m_ptr + part, m_ref, mask=g_ok)  # −inf: this row keeps nothing in this split
     if COUNT_MODE != 0:
         stats_row = stats_ptr + phase * stats_cols
         tl.atomic_add(stats_row, n_valid.to(tl.int64))
