@@ -125,24 +125,44 @@ def prefill_timings(lengths, variants):
     return rows
 
 
-def decode_timings(kv_lens, batches):
+DECODE_VARIANTS = {
+    "base": {},
+    "s2": dict(num_stages=2),
+    "s4": dict(num_stages=4),
+    "w16": dict(waves=16),
+    "w4": dict(waves=4),
+    "t4": dict(min_tiles_per_split=4),
+    "s2w16": dict(num_stages=2, waves=16),
+}
+
+
+def decode_timings(kv_lens, batches, variants):
+    """SDPA and fxsparse (λ = 0 and ~70 %) per ``DECODE_OVERRIDES`` variant, each call in a CUDA graph."""
+    from bench.conftest import cuda_ms
+
     hq, hkv, d = 32, 8, 128
     rows = []
     for kv in kv_lens:
         for b in batches:
-            q, k, v = structured_qkv(b, hq, hkv, kv, d, concentration=1.3, device="cuda", num_queries=1)
-            ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            q, k, v = structured_qkv(b, hq, hkv, kv, d, concentration=0.6, device="cuda", num_queries=1)
+            ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), graph_calls=20)
             rows.append(dict(kv=kv, B=b, impl="sdpa", ms=ms))
             stats = torch.zeros(2, 1 + len(TRIALS), dtype=torch.int64, device="cuda")
             zero = make_threshold_state(0.0, device="cuda")
             ta.skip_softmax_attention(q, k, v, None, False, d**-0.5, zero, 128, 128, stats, TRIALS.cuda())
             lams = {t: lambda_for_sparsity(stats[1].cpu(), TRIALS, t) for t in (0.7,)}
-            for target, (lam, _) in [(0.0, (0.0, 0.0))] + list(lams.items()):
-                state = make_threshold_state(lam, device="cuda")
-                st = torch.zeros(2, 2, dtype=torch.int64, device="cuda")
-                ta.skip_softmax_attention(q, k, v, None, False, d**-0.5, state, 128, 128, st)
-                ms = time_ms(lambda: ta.skip_softmax_attention(q, k, v, None, False, d**-0.5, state, 128, 128))
-                rows.append(dict(kv=kv, B=b, impl="fx", lam=lam, sparsity=st[1, 1].item() / max(st[1, 0].item(), 1), ms=ms))
+            for vname, over in variants.items():
+                ta.DECODE_OVERRIDES.clear()
+                ta.DECODE_OVERRIDES.update(over)
+                for target, (lam, _) in [(0.0, (0.0, 0.0))] + list(lams.items()):
+                    state = make_threshold_state(lam, device="cuda")
+                    st = torch.zeros(2, 2, dtype=torch.int64, device="cuda")
+                    ta.skip_softmax_attention(q, k, v, None, False, d**-0.5, state, 128, 128, st)
+                    ms = cuda_ms(lambda: ta.skip_softmax_attention(q, k, v, None, False, d**-0.5, state, 128, 128),
+                                 graph_calls=20)
+                    rows.append(dict(kv=kv, B=b, impl=f"fx[{vname}]", lam=lam,
+                                     sparsity=st[1, 1].item() / max(st[1, 0].item(), 1), ms=ms))
+            ta.DECODE_OVERRIDES.clear()
             del k, v, q
     return rows
 
@@ -155,6 +175,7 @@ def main():
     ap.add_argument("--decode", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--variants", default="base")
+    ap.add_argument("--decode-variants", default="base")
     args = ap.parse_args()
     all_variants = {
         "base": {},
@@ -162,11 +183,11 @@ def main():
         "w8s4": dict(num_warps=8, num_stages=4),
         "w8s2": dict(num_warps=8, num_stages=2),
         "w4s3": dict(num_warps=4, num_stages=3),
-        "vpre": dict(skip_v_load=False),
         "no_tma": dict(tma=False),
         "tma_s4": dict(num_stages=4),
     }
     variants = {k: all_variants[k] for k in args.variants.split(",")}
+    decode_variants = {k: DECODE_VARIANTS[k] for k in args.decode_variants.split(",")}
     t0 = time.time()
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
     import triton
@@ -178,7 +199,7 @@ def main():
     print(f"checks done {time.time() - t0:.0f}s", flush=True)
     result["prefill"] = prefill_timings(args.lengths, variants)
     print(f"prefill done {time.time() - t0:.0f}s", flush=True)
-    result["decode"] = decode_timings(args.decode, args.batches)
+    result["decode"] = decode_timings(args.decode, args.batches, decode_variants)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(result["device"], "torch", result["torch"], "triton", result["triton"])

@@ -179,11 +179,13 @@ def test_mask_summary_is_cached_and_follows_in_place_edits():
 
 # -- decode: Lq = 1, split-K, GQA packing, batch with different KV lengths --
 @here
-@pytest.mark.parametrize("waves", [8, 0])  # 0: a single split walks every tile (the prefix scan is empty)
+@pytest.mark.parametrize("waves, min_tiles", [(8, 1), (0, 1), (8, 3)])  # waves 0: one split walks every tile;
+# min_tiles 3: several tiles a split after a prefix, so the kept list and per-row flags span tiles
 @pytest.mark.parametrize("lam", [0.0, 0.2, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_matches_reference(lam, dtype, waves, monkeypatch):
+def test_decode_matches_reference(lam, dtype, waves, min_tiles, monkeypatch):
     monkeypatch.setattr(triton_attention, "DECODE_WAVES", waves)
+    monkeypatch.setitem(triton_attention.DECODE_OVERRIDES, "min_tiles_per_split", min_tiles)
     q, k, v = _inputs(3, 8, 2, 1, 150, 32, dtype, seed=11)
     lengths = torch.tensor([150, 61, 1])
     keep = (torch.arange(150)[None, :] < lengths[:, None])[:, None, None, :].to(DEVICE)

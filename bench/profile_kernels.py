@@ -1,0 +1,67 @@
+"""Kernels to profile with Nsight Compute: prefill (cuDNN, fxsparse dense, fxsparse at ~70 %) and decode.
+
+Each case runs twice outside any range (compilation, warm caches), then once inside an NVTX range named
+``prof``, so ncu sees exactly one launch of every kernel of each case::
+
+    ncu --nvtx --nvtx-include "prof/" --section SpeedOfLight --section WarpStateStats \
+        python bench/profile_kernels.py --seq-len 16384 --kv-len 32768 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench.inputs import lambda_for_sparsity, structured_qkv
+from fxsparse.ops import triton_attention as ta
+from fxsparse.ops.threshold import make_threshold_state
+
+TRIALS = torch.logspace(-8, 1, 40)
+
+
+def lambda_at(q, k, v, causal, target):
+    """λ whose measured tile sparsity is nearest the target (one counting pass over TRIALS)."""
+    stats = torch.zeros(2, 1 + len(TRIALS), dtype=torch.int64, device="cuda")
+    zero = make_threshold_state(0.0, device="cuda")
+    ta.skip_softmax_attention(q, k, v, None, causal, q.shape[-1] ** -0.5, zero, 128, 128, stats, TRIALS.cuda())
+    return lambda_for_sparsity(stats[0 if q.shape[2] > 1 else 1].cpu(), TRIALS, target)
+
+
+def profiled(name, fn):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_push(f"prof/{name}")
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_pop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq-len", type=int, default=16384)
+    ap.add_argument("--kv-len", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    hq, hkv, d = 32, 8, 128
+    q, k, v = structured_qkv(1, hq, hkv, args.seq_len, d, concentration=1.3)
+    kg, vg = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        profiled("prefill_cudnn", lambda: F.scaled_dot_product_attention(q, kg, vg, is_causal=True))
+    for label, lam in (("dense", 0.0), ("s70", lambda_at(q, k, v, True, 0.7)[0])):
+        state = make_threshold_state(lam, device="cuda")
+        profiled(f"prefill_fx_{label}", lambda: ta.skip_softmax_attention(q, k, v, None, True, d**-0.5, state, 128, 128))
+    del q, k, v, kg, vg
+
+    q, k, v = structured_qkv(args.batch, hq, hkv, args.kv_len, d, concentration=0.6, num_queries=1)
+    profiled("decode_sdpa", lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    for label, lam in (("dense", 0.0), ("s70", lambda_at(q, k, v, False, 0.7)[0])):
+        state = make_threshold_state(lam, device="cuda")
+        profiled(f"decode_fx_{label}", lambda: ta.skip_softmax_attention(q, k, v, None, False, d**-0.5, state, 128, 128))
+
+
+if __name__ == "__main__":
+    main()
