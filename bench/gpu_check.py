@@ -131,7 +131,7 @@ DECODE_VARIANTS = {
     "s4": dict(num_stages=4),
     "w16": dict(waves=16),
     "w4": dict(waves=4),
-    "t4": dict(min_tiles_per_split=4),
+    "t1": dict(min_tiles_per_split=1),
     "s2w16": dict(num_stages=2, waves=16),
 }
 
@@ -183,6 +183,7 @@ def main():
         "w8s4": dict(num_warps=8, num_stages=4),
         "w8s2": dict(num_warps=8, num_stages=2),
         "w4s3": dict(num_warps=4, num_stages=3),
+        "vpre": dict(skip_v_load=False),
         "no_tma": dict(tma=False),
         "tma_s4": dict(num_stages=4),
     }

@@ -1,7 +1,7 @@
 """Kernels to profile with Nsight Compute: prefill (cuDNN, fxsparse dense, fxsparse at ~70 %) and decode.
 
 Each case runs twice outside any range (compilation, warm caches), then once inside an NVTX range named
-``prof``, so ncu sees exactly one launch of every kernel of each case::
+``prof``, so ncu sees exactly one launch of every kernel of each case (in the order the cases print)::
 
     ncu --nvtx --nvtx-include "prof/" --section SpeedOfLight --section WarpStateStats \
         python bench/profile_kernels.py --seq-len 16384 --kv-len 32768 --batch 8
@@ -34,7 +34,8 @@ def profiled(name, fn):
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
-    torch.cuda.nvtx.range_push(f"prof/{name}")
+    print("profiled case:", name, flush=True)
+    torch.cuda.nvtx.range_push("prof")
     fn()
     torch.cuda.synchronize()
     torch.cuda.nvtx.range_pop()

@@ -16,11 +16,12 @@ import triton
 from .masks import as_4d, drop_causal_mask, per_mask
 from .threshold import phase_of
 from .triton_decode import decode_attend_kernel, decode_combine_kernel, decode_scores_kernel
-from .triton_prefill import decide_kernel, prefill_kernel
+from .triton_prefill import prefill_kernel
 
 MIN_BLOCK = 16  # tl.dot needs at least 16 rows / columns / reduction depth
 NUM_SMS_FALLBACK = 132
 DECODE_WAVES = 8
+DECODE_MIN_TILES = 4  # key tiles a split at least: on H200, B = 1 at 32k ran 0.043 ms vs 0.050 ms with 1–2
 
 
 # -- launch configs: (num_warps, num_stages) by padded head dim and tile shape; tuned on H100/H200 --
@@ -32,7 +33,7 @@ def prefill_config(d_pad: int, block_m: int, block_n: int) -> tuple[int, int]:
     return (8, 1) if block_m * block_n >= 128 * 128 else (8, 2)
 
 
-PREFILL_OVERRIDES: dict = {}  # bench/gpu_check.py sweeps: num_warps, num_stages, tma
+PREFILL_OVERRIDES: dict = {}  # bench/gpu_check.py sweeps: num_warps, num_stages, skip_v_load, tma
 DECODE_OVERRIDES: dict = {}  # for GPU sweeps: waves, num_stages (attend), scores_num_stages, min_tiles_per_split
 
 
@@ -173,6 +174,7 @@ def _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, *, state,
     num_warps, num_stages = prefill_config(max(d_pad, dv_pad), block_m, block_n)
     num_warps = PREFILL_OVERRIDES.get("num_warps", num_warps)
     num_stages = PREFILL_OVERRIDES.get("num_stages", num_stages)
+    skip_v_load = PREFILL_OVERRIDES.get("skip_v_load", True)
     use_tma = PREFILL_OVERRIDES.get("tma", True) and (d_pad, dv_pad) == (head_dim, value_dim) and _tma_ok(q, k, v)
 
     dummy = q.new_empty(1)
@@ -187,28 +189,21 @@ def _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, *, state,
     dec = decisions_out if decisions_out is not None else dummy
     d_strides = [dec.stride(d) for d in range(3)] if decisions_out is not None else [0, 0, 0]
     grid = (triton.cdiv(query_len, block_m), batch * num_heads)
-    # per query tile: the kept key tiles in order, and (kept full tiles, all kept tiles)
-    kept = torch.empty(grid[0] * grid[1], triton.cdiv(kv_len, block_n), dtype=torch.int32, device=q.device)
-    num_kept = torch.empty(grid[0] * grid[1], 2, dtype=torch.int32, device=q.device)
-    shapes = dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(is_causal),
-                  MASK_KIND=mask_kind, DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=use_tma)
-    decide_kernel[grid](
-        q, k, mask_t, kinds, state, trials2 if trials2 is not None else state,
-        stats if stats is not None else dummy, dec, kept, num_kept,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+    prefill_kernel[grid](
+        q, k, v, out, mask_t, kinds, state, trials2 if trials2 is not None else state,
+        stats if stats is not None else dummy, dec,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         *m_strides, *c_strides, *d_strides,
         num_heads, num_heads // num_kv_heads, query_len, kv_len, float(scale), mask_min,
         phase_of(query_len), num_trials, stats_cols,
-        T_PAD=_pow2(num_trials, 2), COUNT_MODE=count_mode, DEBUG=decisions_out is not None, **shapes,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    prefill_kernel[grid](
-        q, k, v, out, mask_t, kinds, state, kept, num_kept,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *m_strides, *c_strides,
-        num_heads, num_heads // num_kv_heads, query_len, kv_len, float(scale), mask_min, phase_of(query_len),
-        VALUE_DIM=value_dim, DV_PAD=dv_pad, MEASURING=count_mode == 2, **shapes,
+        HEAD_DIM=head_dim, VALUE_DIM=value_dim, D_PAD=d_pad, DV_PAD=dv_pad,
+        BLOCK_M=block_m, BLOCK_N=block_n, T_PAD=_pow2(num_trials, 2),
+        IS_CAUSAL=bool(is_causal), MASK_KIND=mask_kind, COUNT_MODE=count_mode,
+        SKIP_V_LOAD=skip_v_load, DEBUG=decisions_out is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -233,10 +228,10 @@ def _num_sms(device) -> int:
 def decode_splits(num_programs: int, num_tiles: int, device) -> int:
     """Enough splits of the KV range for DECODE_WAVES programs per multiprocessor (they hide load latency).
 
-    ``DECODE_OVERRIDES``: "waves" replaces DECODE_WAVES; "min_tiles_per_split" (default 1) bounds the splits.
+    ``DECODE_OVERRIDES``: "waves" replaces DECODE_WAVES, "min_tiles_per_split" DECODE_MIN_TILES.
     """
     waves = DECODE_OVERRIDES.get("waves", DECODE_WAVES)
-    max_splits = triton.cdiv(num_tiles, DECODE_OVERRIDES.get("min_tiles_per_split", 1))
+    max_splits = triton.cdiv(num_tiles, DECODE_OVERRIDES.get("min_tiles_per_split", DECODE_MIN_TILES))
     return max(1, min(max_splits, triton.cdiv(waves * _num_sms(device), num_programs)))
 
 
