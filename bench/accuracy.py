@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import platform
@@ -131,6 +132,29 @@ def _niah(model, tokenizer, sites, lengths, prompts, pairs, dense=True):
             yield {**row, "hits": hits, "depths": depths}
 
 
+def _kl_rows(model, sites, tokenizer, args, pairs, law_setters):
+    """Yields KL vs dense and achieved sparsity per (law, target pair); law_setters: name → writes that law."""
+    ids = _kl_text(tokenizer, args.kl_length).to(args.device)
+    _set_mode(sites, None)
+    dense = _log_probs(model, ids, args.kl_decode)
+    for mode, write in law_setters.items():
+        write()
+        for pair in pairs:
+            _set_mode(sites, pair)
+            kl = _kl(dense, _log_probs(model, ids, args.kl_decode), args.kl_decode)
+            row = {"law": mode, "targets": list(pair), **kl, "achieved": _achieved(sites)}
+            logging.info("KL %s", row)
+            yield row
+
+
+def _write_saved_laws(sites, saved: dict, per_site: bool) -> None:
+    """Laws of an earlier run's JSON into the sites (each site's own law when per_site and it has one)."""
+    site_laws = saved.get("site_laws", {}) if per_site else {}
+    for name, site in sites.items():
+        chosen = site_laws.get(name, saved["laws"])
+        site.set_law({p: {"a": law["a"], "b": law["b"]} for p, law in chosen.items() if law}, 0.5)
+
+
 @contextlib.contextmanager
 def _timed(seconds: dict, name: str):
     start = time.perf_counter()
@@ -166,9 +190,10 @@ def main() -> None:
     parser.add_argument("--backend", default="pytorch", choices=["pytorch", "triton"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", default="bench/accuracy_results.json")
-    parser.add_argument("--niah-only", help="reuse the laws of this earlier JSON (per-site if it has them); run only NIAH")
-    parser.add_argument("--global-law", action="store_true", help="with --niah-only: use the model-wide law only")
-    parser.add_argument("--niah-dense", action="store_true", help="with --niah-only: also run dense")
+    parser.add_argument("--laws-from", help="reuse the laws of this earlier JSON (no calibration); run KL and NIAH")
+    parser.add_argument("--niah-only", help="as --laws-from, but run only NIAH")
+    parser.add_argument("--global-law", action="store_true", help="with --laws-from/--niah-only: NIAH with the model-wide law")
+    parser.add_argument("--niah-dense", action="store_true", help="with --laws-from/--niah-only: also run dense NIAH")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     results: dict = {"device": _device_name(args.device),
@@ -187,14 +212,20 @@ def main() -> None:
     lengths = [int(x) for x in args.niah_lengths.split(",") if x]
     pairs = [_pair(p) for p in args.pairs.split(",") if p]
     results["niah"] = []
-    if args.niah_only:
-        saved = json.loads(Path(args.niah_only).read_text())["calibration"]
-        site_laws = {} if args.global_law else saved.get("site_laws", {})
-        for name, site in sites.items():
-            chosen = site_laws.get(name, saved["laws"])
-            site.set_law({p: {"a": law["a"], "b": law["b"]} for p, law in chosen.items() if law}, 0.5)
-        results["laws_from"] = args.niah_only
-        results["law"] = "per_site" if site_laws else "global"
+    laws_from = args.laws_from or args.niah_only
+    if laws_from:
+        saved = json.loads(Path(laws_from).read_text())["calibration"]
+        results["laws_from"] = laws_from
+        results["law"] = "per_site" if saved.get("site_laws") and not args.global_law else "global"  # NIAH's
+        results["kl"] = []
+        if args.laws_from and args.kl_length > 0 and pairs:
+            setters = {mode: functools.partial(_write_saved_laws, sites, saved, mode == "per_site")
+                       for mode in ("global", "per_site")}
+            with _timed(seconds, "kl"):
+                for row in _kl_rows(model, sites, tokenizer, args, pairs, setters):
+                    results["kl"].append(row)
+                    save()
+        _write_saved_laws(sites, saved, per_site=not args.global_law)
         with _timed(seconds, "niah"):
             for row in _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, dense=args.niah_dense):
                 results["niah"].append(row)
@@ -233,19 +264,12 @@ def main() -> None:
     calibrated_site_laws = site_fit[1] if cfg.per_site else {}
     results["kl"] = []
     if args.kl_length > 0 and pairs:
+        setters = {mode: functools.partial(write_laws, sites, calibration.laws, site_laws, cfg_targets)
+                   for mode, site_laws in (("global", {}), ("per_site", site_fit[1]))}
         with _timed(seconds, "kl"):
-            ids = _kl_text(tokenizer, args.kl_length).to(args.device)
-            _set_mode(sites, None)
-            dense = _log_probs(model, ids, args.kl_decode)
-            for mode, site_laws in (("global", {}), ("per_site", site_fit[1])):
-                write_laws(sites, calibration.laws, site_laws, cfg_targets)
-                for pair in pairs:
-                    _set_mode(sites, pair)
-                    kl = _kl(dense, _log_probs(model, ids, args.kl_decode), args.kl_decode)
-                    results["kl"].append({"law": mode, "targets": list(pair), **kl, "achieved": _achieved(sites)})
-                    logging.info("KL %s", results["kl"][-1])
-                    save()
-            del dense
+            for row in _kl_rows(model, sites, tokenizer, args, pairs, setters):
+                results["kl"].append(row)
+                save()
     write_laws(sites, calibration.laws, calibrated_site_laws, cfg_targets)  # NIAH: as calibrated
 
     with _timed(seconds, "niah"):

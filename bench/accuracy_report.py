@@ -96,10 +96,11 @@ def main(path: str, *niah_paths: str) -> None:
     sections = [[run]]
     if results.get("calibration"):  # absent when a run stopped before calibration finished
         sections.append(calibration_table(results))
-    sections += [
-        ["Held-out check (samples not used for the fit; the law's target set with `set_target`, no recalibration):"],
-        heldout_table(results),
-    ]
+    if results.get("heldout"):  # absent when the laws came from an earlier run
+        sections += [
+            ["Held-out check (samples not used for the fit; the law's target set with `set_target`, no recalibration):"],
+            heldout_table(results),
+        ]
     if results.get("kl"):
         sections += [["Global vs per-site law, KL of next-token distributions vs dense on plain essay text "
                       "(decode positions: the last tokens, fed one at a time after the prefill):"],
