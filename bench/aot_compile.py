@@ -31,7 +31,7 @@ FLOATS = {"scale", "mask_min"}
 CONSTEXPRS = dict(
     HEAD_DIM=128, VALUE_DIM=128, D_PAD=128, DV_PAD=128, BLOCK_M=128, BLOCK_N=128, BLOCK_G=16, T_PAD=2,
     IS_CAUSAL=True, MASK_KIND=0, COUNT_MODE=0, SKIP_V_LOAD=True, DEBUG=False, DOT_PRECISION="tf32",
-    USE_TMA=True, PREFIX_CHUNK=256, S_PAD=64,
+    USE_TMA=True, PREFIX_CHUNK=256, DECIDE_CHUNK=16, S_PAD=64,
 )
 # (kernel, overrides of CONSTEXPRS, num_warps, num_stages): the launch configs the host code uses
 VARIANTS = [

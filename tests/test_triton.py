@@ -194,6 +194,17 @@ def test_decode_matches_reference(lam, dtype, waves, min_tiles, monkeypatch):
 
 
 @here
+@pytest.mark.parametrize("lam", [0.05, 1.0])
+def test_decode_split_longer_than_a_decide_chunk(lam, monkeypatch):
+    """One split of 25 tiles: the attend kernel decides in chunks of 16, carrying m across them."""
+    monkeypatch.setattr(triton_attention, "DECODE_WAVES", 0)
+    q, k, v = _inputs(2, 4, 2, 1, 400, 16, torch.float32, seed=5)
+    keep = (torch.arange(400)[None, :] < torch.tensor([400, 260])[:, None])[:, None, None, :].to(DEVICE)
+    compare(q, k, v, lam=lam, mask=keep, bc=16)
+    compare(q, k, v, lam=lam, bc=16, trials=[0.01, 0.1, 1.0])
+
+
+@here
 def test_decode_additive_mask_and_empty_sequence():
     q, k, v = _inputs(2, 4, 4, 1, 64, 16, torch.float32, seed=12)
     bias = torch.zeros(2, 1, 1, 64, device=DEVICE)

@@ -282,7 +282,7 @@ def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_
         dec.stride(0) if decisions_out is not None else 0, dec.stride(1) if decisions_out is not None else 0,
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
         num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase_of(1), num_trials, stats_cols,
-        VALUE_DIM=value_dim, DV_PAD=dv_pad, BLOCK_G=block_g, BLOCK_N=block_n, PREFIX_CHUNK=256,
+        VALUE_DIM=value_dim, DV_PAD=dv_pad, BLOCK_G=block_g, BLOCK_N=block_n, PREFIX_CHUNK=256, DECIDE_CHUNK=16,
         T_PAD=_pow2(num_trials, 2), COUNT_MODE=count_mode, DEBUG=decisions_out is not None,
         DOT_PRECISION=precision, num_warps=num_warps, num_stages=DECODE_OVERRIDES.get("num_stages", 3),
     )

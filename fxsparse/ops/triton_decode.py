@@ -88,6 +88,11 @@ def decode_scores_kernel(
 
 
 @triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
 def decode_attend_kernel(
     v_ptr, scores_ptr, tile_max_ptr, state_ptr, trials_ptr, stats_ptr, dec_ptr, keep_rows_ptr, kept_ptr,
     part_acc_ptr, part_l_ptr, part_m_ptr,
@@ -95,8 +100,8 @@ def decode_attend_kernel(
     stride_db, stride_dh, stride_pb, stride_ph, stride_ps,
     num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase, num_trials, stats_cols,
     VALUE_DIM: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREFIX_CHUNK: tl.constexpr, T_PAD: tl.constexpr, COUNT_MODE: tl.constexpr, DEBUG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    PREFIX_CHUNK: tl.constexpr, DECIDE_CHUNK: tl.constexpr, T_PAD: tl.constexpr, COUNT_MODE: tl.constexpr,
+    DEBUG: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid (splits, B·Hkv): per-row votes, then the partial softmax of the kept tiles.
 
@@ -134,29 +139,40 @@ def decode_attend_kernel(
         m_i = tl.maximum(m_i, tl.max(prev, 1))
     # (keep m_i's use after this loop single: Triton 3.6 asserts that when it makes this max thread-local)
 
-    # -- decide: votes from the tile maxima alone; keep flags per row, kept tiles compacted --
+    # -- decide, DECIDE_CHUNK tiles at a time: votes from the tile maxima alone; keep flags per row, kept
+    #    tiles compacted. Vectorised over the chunk (a prefix max within it) because a tile-by-tile loop
+    #    is a chain of dependent small loads that delays the first V load of the split --
     kept_base = kept_ptr + tl.program_id(1).to(tl.int64) * num_tiles + tile_lo
     m_ref = tl.full([BLOCK_G], float("-inf"), tl.float32)  # per row: max of m̃ over the tiles it keeps
     n_kept = tl.zeros([], tl.int32)
     n_valid = tl.zeros([], tl.int32)
     counts = tl.zeros([T_PAD], tl.int32)
-    for tile in range(tile_lo, tile_hi):
-        # -- vote: each row (query head) is its own query tile --
-        m_tile = tl.load(row_tile_max + tile, mask=g_ok, other=float("-inf"))
-        gap = tl.where(m_tile == float("-inf"), float("-inf"), tl.where(m_i == float("-inf"), float("inf"), m_tile - m_i))
-        valid = g_ok & (gap > float("-inf"))
+    for chunk in range(tile_lo, tile_hi, DECIDE_CHUNK):
+        offs_c = chunk + tl.arange(0, DECIDE_CHUNK)
+        in_chunk = g_ok[:, None] & (offs_c < tile_hi)[None, :]
+        m_tiles = tl.load(row_tile_max[:, None] + offs_c[None, :], mask=in_chunk, other=float("-inf"))
+        # m before each tile (each row is its own query tile): the running max carried in, then the chunk's
+        # earlier tiles as an exclusive prefix max (a scan over the maxima shifted by one tile)
+        earlier = tl.load(row_tile_max[:, None] + offs_c[None, :] - 1, mask=in_chunk & (offs_c > chunk)[None, :],
+                          other=float("-inf"))
+        m_before = tl.maximum(m_i[:, None], tl.associative_scan(earlier, 1, _maximum))
+        gap = tl.where(m_tiles == float("-inf"), float("-inf"),
+                       tl.where(m_before == float("-inf"), float("inf"), m_tiles - m_before))
+        valid = in_chunk & (gap > float("-inf"))
         keep = valid & (gap >= log_lam2)
         if COUNT_MODE != 0:
-            n_valid += tl.sum(valid.to(tl.int32))
-            counts += tl.sum((valid[:, None] & (gap[:, None] < trials2[None, :])).to(tl.int32), 0)
+            n_valid += tl.sum(tl.sum(valid.to(tl.int32), 1), 0)
+            below = valid[:, :, None] & (gap[:, :, None] < trials2[None, None, :])
+            counts += tl.sum(tl.sum(below.to(tl.int32), 1), 0)
         if DEBUG:
-            tl.store(dec_ptr + b * stride_db + heads * stride_dh + tile, keep.to(tl.int8), mask=g_ok)
-        tl.store(row_keep + tile, keep.to(tl.int32), mask=g_ok)
+            tl.store(dec_ptr + b * stride_db + heads[:, None] * stride_dh + offs_c[None, :], keep.to(tl.int8), mask=in_chunk)
+        tl.store(row_keep[:, None] + offs_c[None, :], keep.to(tl.int32), mask=in_chunk)
         any_keep = tl.max(keep.to(tl.int32), 0)
-        tl.store(kept_base + n_kept, tile, mask=any_keep > 0)  # branch-free append
-        n_kept += any_keep
-        m_ref = tl.where(keep, tl.maximum(m_ref, m_tile), m_ref)
-        m_i = tl.maximum(m_i, m_tile)  # skipped tiles move the running max too (SPEC §4's m)
+        slot = n_kept + tl.cumsum(any_keep, 0) - any_keep  # branch-free append, in tile order
+        tl.store(kept_base + slot, offs_c, mask=any_keep > 0)
+        n_kept += tl.sum(any_keep, 0)
+        m_ref = tl.maximum(m_ref, tl.max(tl.where(keep, m_tiles, float("-inf")), 1))
+        m_i = tl.maximum(m_i, tl.max(m_tiles, 1))  # skipped tiles move the running max too (SPEC §4's m)
     tl.debug_barrier()  # the CTA's keep flags and kept list are visible to all its threads
 
     # -- attend: the kept tiles only; m_ref is fixed, so no rescale and no branch --
@@ -184,7 +200,9 @@ def decode_attend_kernel(
     part = b * stride_pb + heads * stride_ph + split * stride_ps
     tl.store(part_acc_ptr + part[:, None] * DV_PAD + offs_dv[None, :], acc, mask=g_ok[:, None])
     tl.store(part_l_ptr + part, l_i, mask=g_ok)
-    tl.store(part_m_ptr + part, m_ref, mask=g_ok)  # −inf: this row keeps nothing in this split
+    # −inf: this row keeps nothing in this split (a kept row has l ≥ 1; m_ref is used once after its loop,
+    # as Triton 3.6's thread-locality pass requires)
+    tl.store(part_m_ptr + part, tl.where(l_i > 0, m_safe, float("-inf")), mask=g_ok)
     if COUNT_MODE != 0:
         stats_row = stats_ptr + phase * stats_cols
         tl.atomic_add(stats_row, n_valid.to(tl.int64))
