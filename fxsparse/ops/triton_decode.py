@@ -9,9 +9,10 @@ decode runs in three launches (scores are Lq·Lk = Lk floats per head, small bes
 
     1. scores:  per split, s = q·kᵀ (exp2 space) → scratch, and the row max m̃ of every key tile
     2. attend:  per split, m = max of m̃ over earlier tiles (a short prefix scan), then two loops:
-                  decide  every tile of the split, [G] maxima each: the rows' votes → keep_rows,
-                          the tiles some row keeps → a compacted kept list; per row
-                          m_ref = max of m̃ over the tiles it keeps
+                  decide  the split's tiles DECIDE_CHUNK at a time ([G, chunk] maxima, a prefix
+                          max within the chunk): the rows' votes → keep_rows, the tiles some
+                          row keeps → a compacted kept list; per row m_ref = max of m̃ over
+                          the tiles it keeps
                   attend  the kept list only: p = exp2(s − m_ref) where the row keeps the tile,
                           else 0; V load; P·V. Partial (acc, l, m_ref) per split
     3. combine: rescale the partials to one max and normalise (empty rows → 0)
