@@ -8,8 +8,6 @@ shorter than br holds all Lq rows, so its vote is still exactly the (br, bc) til
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 
@@ -136,7 +134,7 @@ def skip_softmax_attention(
     if stats is not None and not stats.is_contiguous():
         raise ValueError("stats must be contiguous")
     batch, num_heads, query_len, head_dim = q.shape
-    num_kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
+    kv_len, value_dim = k.shape[2], v.shape[-1]
     out = torch.empty(batch, num_heads, query_len, value_dim, dtype=q.dtype, device=q.device)
     if batch * num_heads * query_len == 0:
         return out

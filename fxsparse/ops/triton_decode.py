@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_prefill import log2_threshold
+from .triton_prefill import log2_threshold, row_gap
 
 
 @triton.jit
@@ -157,8 +157,7 @@ def decode_attend_kernel(
         earlier = tl.load(row_tile_max[:, None] + offs_c[None, :] - 1, mask=in_chunk & (offs_c > chunk)[None, :],
                           other=float("-inf"))
         m_before = tl.maximum(m_i[:, None], tl.associative_scan(earlier, 1, _maximum))
-        gap = tl.where(m_tiles == float("-inf"), float("-inf"),
-                       tl.where(m_before == float("-inf"), float("inf"), m_tiles - m_before))
+        gap = row_gap(m_tiles, m_before)
         valid = in_chunk & (gap > float("-inf"))
         keep = valid & (gap >= log_lam2)
         if COUNT_MODE != 0:

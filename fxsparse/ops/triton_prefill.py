@@ -42,10 +42,16 @@ def log2_threshold(state_ptr, phase, kv_len):
 
 
 @triton.jit
+def row_gap(m_tile, m_before):
+    """Each row's m̃ − m (SPEC §4): m̃ = −inf → −inf (votes skip); m = −inf with finite m̃ → +inf (keeps)."""
+    return tl.where(m_tile == float("-inf"), float("-inf"),
+                    tl.where(m_before == float("-inf"), float("inf"), m_tile - m_before))
+
+
+@triton.jit
 def tile_vote(m_tile, m_i, row_ok):
-    """max over existing rows of m̃ − m (m̃ = −inf → −inf; m = −inf with finite m̃ → +inf)."""
-    gap = tl.where(m_tile == float("-inf"), float("-inf"), tl.where(m_i == float("-inf"), float("inf"), m_tile - m_i))
-    gap = tl.where(row_ok, gap, float("-inf"))  # rows past Lq never block a skip
+    """max over existing rows of m̃ − m: the tile is skipped iff this is below log2 λ."""
+    gap = tl.where(row_ok, row_gap(m_tile, m_i), float("-inf"))  # rows past Lq never block a skip
     return tl.max(gap, 0)
 
 
