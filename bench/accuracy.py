@@ -41,6 +41,7 @@ import fxsparse
 from fxsparse.api import COMPILER_ATTRIBUTE
 from fxsparse.assets import essays_dir, load_default_model
 from fxsparse.calibration.calibrate import fit_laws, heldout_check, write_laws
+from fxsparse.calibration.fit import LawFit
 from fxsparse.calibration.measure import cache_kwargs, run_sample
 from fxsparse.calibration.samples import Sample, build_samples, length_bins
 from fxsparse.calibration.tasks import Corpus
@@ -147,12 +148,12 @@ def _kl_rows(model, sites, tokenizer, args, pairs, law_setters):
             yield row
 
 
-def _write_saved_laws(sites, saved: dict, per_site: bool) -> None:
-    """Laws of an earlier run's JSON into the sites (each site's own law when per_site and it has one)."""
-    site_laws = saved.get("site_laws", {}) if per_site else {}
-    for name, site in sites.items():
-        chosen = site_laws.get(name, saved["laws"])
-        site.set_law({p: {"a": law["a"], "b": law["b"]} for p, law in chosen.items() if law}, 0.5)
+def _saved_laws(saved: dict) -> tuple[dict, dict]:
+    """(model-wide laws, per-site laws) of an earlier run's JSON, as the fits ``write_laws`` takes."""
+    def fits(laws: dict) -> dict:
+        return {phase: LawFit(**law) if law else None for phase, law in laws.items()}
+
+    return fits(saved["laws"]), {name: fits(laws) for name, laws in saved.get("site_laws", {}).items()}
 
 
 @contextlib.contextmanager
@@ -218,14 +219,15 @@ def main() -> None:
         results["laws_from"] = laws_from
         results["law"] = "per_site" if saved.get("site_laws") and not args.global_law else "global"  # NIAH's
         results["kl"] = []
+        laws, site_laws = _saved_laws(saved)
         if args.laws_from and args.kl_length > 0 and pairs:
-            setters = {mode: functools.partial(_write_saved_laws, sites, saved, mode == "per_site")
-                       for mode in ("global", "per_site")}
+            setters = {mode: functools.partial(write_laws, sites, laws, per_site, 0.5)
+                       for mode, per_site in (("global", {}), ("per_site", site_laws))}
             with _timed(seconds, "kl"):
                 for row in _kl_rows(model, sites, tokenizer, args, pairs, setters):
                     results["kl"].append(row)
                     save()
-        _write_saved_laws(sites, saved, per_site=not args.global_law)
+        write_laws(sites, laws, {} if args.global_law else site_laws, 0.5)
         with _timed(seconds, "niah"):
             for row in _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, dense=args.niah_dense):
                 results["niah"].append(row)

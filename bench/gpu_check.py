@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from bench.inputs import lambda_for_sparsity, structured_qkv
+from bench.inputs import lambdas_for_sparsity, structured_qkv
 from fxsparse.ops import triton_attention as ta
 from fxsparse.ops.reference import reference_attention
 from fxsparse.ops.threshold import make_threshold_state
@@ -94,14 +94,13 @@ def prefill_timings(lengths, variants):
             rows.append(dict(L=L, impl=name, ms=ms, tflops=flops / ms / 1e9))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             dense_ref = F.scaled_dot_product_attention(q, kg, vg, is_causal=True).float()
-        # counting pass: λ for 50 / 70 / 90 % tile sparsity
-        stats = torch.zeros(2, 1 + len(TRIALS), dtype=torch.int64, device="cuda")
+        # counting pass: λ for 50 / 70 / 90 % tile sparsity, and the pass's own time
+        lams = lambdas_for_sparsity(q, k, v, True, TRIALS, (0.5, 0.7, 0.9))
         zero = make_threshold_state(0.0, device="cuda")
-        ta.skip_softmax_attention(q, k, v, None, True, d**-0.5, zero, 128, 128, stats, TRIALS.cuda())
+        stats = torch.zeros(2, 1 + len(TRIALS), dtype=torch.int64, device="cuda")
         ms = time_ms(lambda: ta.skip_softmax_attention(q, k, v, None, True, d**-0.5, zero, 128, 128,
-                                                       torch.zeros_like(stats), TRIALS.cuda()))
+                                                       stats, TRIALS.cuda()))
         rows.append(dict(L=L, impl="counting", ms=ms, tflops=flops / ms / 1e9))
-        lams = {t: lambda_for_sparsity(stats[0].cpu(), TRIALS, t) for t in (0.5, 0.7, 0.9)}
         for vname, over in variants.items():
             ta.PREFILL_OVERRIDES.clear()
             ta.PREFILL_OVERRIDES.update(over)
@@ -147,10 +146,7 @@ def decode_timings(kv_lens, batches, variants):
             q, k, v = structured_qkv(b, hq, hkv, kv, d, concentration=0.6, device="cuda", num_queries=1)
             ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), graph_calls=20)
             rows.append(dict(kv=kv, B=b, impl="sdpa", ms=ms))
-            stats = torch.zeros(2, 1 + len(TRIALS), dtype=torch.int64, device="cuda")
-            zero = make_threshold_state(0.0, device="cuda")
-            ta.skip_softmax_attention(q, k, v, None, False, d**-0.5, zero, 128, 128, stats, TRIALS.cuda())
-            lams = {t: lambda_for_sparsity(stats[1].cpu(), TRIALS, t) for t in (0.7,)}
+            lams = lambdas_for_sparsity(q, k, v, False, TRIALS, (0.7,))
             for vname, over in variants.items():
                 ta.DECODE_OVERRIDES.clear()
                 ta.DECODE_OVERRIDES.update(over)

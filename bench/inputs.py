@@ -11,7 +11,7 @@ so benchmarks on them say nothing about skip-softmax. ``structured_qkv`` builds 
 
 **The sparsity knob is ``concentration``** (default 1.0): it scales the structured part against unit-variance
 noise. Larger values make far tiles fall further below the running max, so a given λ skips more tiles.
-The benchmarks choose λ for a target sparsity by measuring (``lambda_for_sparsity``), not by formula.
+The benchmarks choose λ for a target sparsity by measuring (``lambdas_for_sparsity``), not by formula.
 """
 
 from __future__ import annotations
@@ -79,12 +79,20 @@ def structured_qkv(
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def lambda_for_sparsity(counts: torch.Tensor, trials: torch.Tensor, target: float) -> tuple[float, float]:
-    """From one counting pass (stats row [valid, skipped per trial]) pick the trial λ closest to ``target``.
+def lambdas_for_sparsity(q, k, v, causal: bool, trials: torch.Tensor, targets) -> dict[float, tuple[float, float]]:
+    """One counting pass of the Triton kernel (br = bc = 128) over ``trials``; for each target sparsity, the
+    trial λ whose measured tile sparsity is closest.
 
-    Returns (λ, the sparsity measured for it in that pass).
+    Returns {target: (λ, the sparsity measured for it in that pass)}.
     """
-    valid = counts[0].item()
-    sparsity = counts[1:].double() / max(valid, 1)
-    best = int((sparsity - target).abs().argmin())
-    return float(trials[best]), float(sparsity[best])
+    from fxsparse.ops import triton_attention
+    from fxsparse.ops.threshold import make_threshold_state, phase_of
+
+    stats = torch.zeros(2, 1 + len(trials), dtype=torch.int64, device=q.device)
+    zero = make_threshold_state(0.0, device=q.device)
+    triton_attention.skip_softmax_attention(q, k, v, None, causal, q.shape[-1] ** -0.5, zero, 128, 128, stats,
+                                            trials.to(q.device))
+    counts = stats[phase_of(q.shape[2])].cpu()
+    sparsity = counts[1:].double() / max(counts[0].item(), 1)
+    best = {t: int((sparsity - t).abs().argmin()) for t in targets}
+    return {t: (float(trials[i]), float(sparsity[i])) for t, i in best.items()}

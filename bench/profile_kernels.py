@@ -15,19 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.inputs import lambda_for_sparsity, structured_qkv
+from bench.inputs import lambdas_for_sparsity, structured_qkv
 from fxsparse.ops import triton_attention as ta
 from fxsparse.ops.threshold import make_threshold_state
 
 TRIALS = torch.logspace(-8, 1, 40)
-
-
-def lambda_at(q, k, v, causal, target):
-    """λ whose measured tile sparsity is nearest the target (one counting pass over TRIALS)."""
-    stats = torch.zeros(2, 1 + len(TRIALS), dtype=torch.int64, device="cuda")
-    zero = make_threshold_state(0.0, device="cuda")
-    ta.skip_softmax_attention(q, k, v, None, causal, q.shape[-1] ** -0.5, zero, 128, 128, stats, TRIALS.cuda())
-    return lambda_for_sparsity(stats[0 if q.shape[2] > 1 else 1].cpu(), TRIALS, target)
 
 
 def profiled(name, fn):
@@ -52,14 +44,14 @@ def main() -> None:
     kg, vg = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         profiled("prefill_cudnn", lambda: F.scaled_dot_product_attention(q, kg, vg, is_causal=True))
-    for label, lam in (("dense", 0.0), ("s70", lambda_at(q, k, v, True, 0.7)[0])):
+    for label, lam in (("dense", 0.0), ("s70", lambdas_for_sparsity(q, k, v, True, TRIALS, [0.7])[0.7][0])):
         state = make_threshold_state(lam, device="cuda")
         profiled(f"prefill_fx_{label}", lambda: ta.skip_softmax_attention(q, k, v, None, True, d**-0.5, state, 128, 128))
     del q, k, v, kg, vg
 
     q, k, v = structured_qkv(args.batch, hq, hkv, args.kv_len, d, concentration=0.6, num_queries=1)
     profiled("decode_sdpa", lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-    for label, lam in (("dense", 0.0), ("s70", lambda_at(q, k, v, False, 0.7)[0])):
+    for label, lam in (("dense", 0.0), ("s70", lambdas_for_sparsity(q, k, v, False, TRIALS, [0.7])[0.7][0])):
         state = make_threshold_state(lam, device="cuda")
         profiled(f"decode_fx_{label}", lambda: ta.skip_softmax_attention(q, k, v, None, False, d**-0.5, state, 128, 128))
 

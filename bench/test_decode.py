@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.conftest import cuda_ms, synced
-from bench.inputs import lambda_for_sparsity, structured_qkv
+from bench.inputs import lambdas_for_sparsity, structured_qkv
 
 HQ, HKV, D = 32, 8, 128
 KV_LENS = [32768, 65536, 131072]
@@ -29,9 +29,6 @@ GRAPH_CALLS = 20
 
 @functools.lru_cache(maxsize=1)
 def _case(kv_len: int, batch: int):
-    from fxsparse.ops import triton_attention as ta
-    from fxsparse.ops.threshold import make_threshold_state
-
     q = torch.empty(batch, HQ, 1, D, dtype=torch.bfloat16, device="cuda")
     k = torch.empty(batch, HKV, kv_len, D, dtype=torch.bfloat16, device="cuda")
     v = torch.empty_like(k)
@@ -39,10 +36,7 @@ def _case(kv_len: int, batch: int):
         q[b : b + 1], k[b : b + 1], v[b : b + 1] = structured_qkv(
             1, HQ, HKV, kv_len, D, concentration=CONCENTRATION, device="cuda", seed=b, num_queries=1
         )
-    stats = torch.zeros(2, 1 + len(TRIALS), dtype=torch.int64, device="cuda")
-    zero = make_threshold_state(0.0, device="cuda")
-    ta.skip_softmax_attention(q, k, v, None, False, D**-0.5, zero, 128, 128, stats, TRIALS.cuda())
-    return q, k, v, lambda_for_sparsity(stats[1].cpu(), TRIALS, 0.7)
+    return q, k, v, lambdas_for_sparsity(q, k, v, False, TRIALS, [0.7])[0.7]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

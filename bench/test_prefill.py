@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.conftest import cuda_ms, synced
-from bench.inputs import lambda_for_sparsity, structured_qkv
+from bench.inputs import lambdas_for_sparsity, structured_qkv
 
 B, HQ, HKV, D = 1, 32, 8, 128
 LENGTHS = [8192, 16384, 32768, 65536]
@@ -31,15 +31,9 @@ CONCENTRATION = 1.3
 
 @functools.lru_cache(maxsize=1)
 def _case(seq_len: int):
-    from fxsparse.ops import triton_attention as ta
-    from fxsparse.ops.threshold import make_threshold_state
-
     q, k, v = structured_qkv(B, HQ, HKV, seq_len, D, concentration=CONCENTRATION, device="cuda")
-    stats = torch.zeros(2, 1 + len(TRIALS), dtype=torch.int64, device="cuda")
-    zero = make_threshold_state(0.0, device="cuda")
-    ta.skip_softmax_attention(q, k, v, None, True, D**-0.5, zero, 128, 128, stats, TRIALS.cuda())
-    lambdas = {name: lambda_for_sparsity(stats[0].cpu(), TRIALS, t) for name, t in TARGETS.items()}
-    return q, k, v, lambdas
+    found = lambdas_for_sparsity(q, k, v, True, TRIALS, TARGETS.values())
+    return q, k, v, {name: found[t] for name, t in TARGETS.items()}
 
 
 def _runner(impl: str, q, k, v, lambdas):
