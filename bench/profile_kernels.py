@@ -33,22 +33,25 @@ def profiled(name, fn):
     torch.cuda.nvtx.range_pop()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seq-len", type=int, default=16384)
-    ap.add_argument("--kv-len", type=int, default=32768)
-    ap.add_argument("--batch", type=int, default=8)
-    args = ap.parse_args()
-    hq, hkv, d = 32, 8, 128
-    q, k, v = structured_qkv(1, hq, hkv, args.seq_len, d, concentration=1.3)
+def profile_prefill(seq_len, hq, hkv, d):
+    q, k, v = structured_qkv(1, hq, hkv, seq_len, d, concentration=1.3)
     kg, vg = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         profiled("prefill_cudnn", lambda: F.scaled_dot_product_attention(q, kg, vg, is_causal=True))
     for label, lam in (("dense", 0.0), ("s70", lambdas_for_sparsity(q, k, v, True, TRIALS, [0.7])[0.7][0])):
         state = make_threshold_state(lam, device="cuda")
         profiled(f"prefill_fx_{label}", lambda: ta.skip_softmax_attention(q, k, v, None, True, d**-0.5, state, 128, 128))
-    del q, k, v, kg, vg
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq-len", type=int, default=16384, help="prefill length; 0 profiles decode only")
+    ap.add_argument("--kv-len", type=int, default=32768)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    hq, hkv, d = 32, 8, 128
+    if args.seq_len:
+        profile_prefill(args.seq_len, hq, hkv, d)
     q, k, v = structured_qkv(args.batch, hq, hkv, args.kv_len, d, concentration=0.6, num_queries=1)
     profiled("decode_sdpa", lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
     for label, lam in (("dense", 0.0), ("s70", lambdas_for_sparsity(q, k, v, False, TRIALS, [0.7])[0.7][0])):
