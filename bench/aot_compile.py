@@ -25,23 +25,22 @@ POINTERS = dict(
     q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", mask_ptr="*u8", kinds_ptr="*i8",
     state_ptr="*fp32", trials_ptr="*fp32", stats_ptr="*i64", dec_ptr="*i8", scores_ptr="*fp32",
     tile_max_ptr="*fp32", part_acc_ptr="*fp32", part_l_ptr="*fp32", part_m_ptr="*fp32",
-    keep_rows_ptr="*i32", kept_ptr="*i32", sync_ptr="*i64",
+    keep_rows_ptr="*i32", kept_ptr="*i32",
 )
 FLOATS = {"scale", "mask_min"}
 CONSTEXPRS = dict(
     HEAD_DIM=128, VALUE_DIM=128, D_PAD=128, DV_PAD=128, BLOCK_M=128, BLOCK_N=128, BLOCK_G=16, T_PAD=2,
     IS_CAUSAL=True, MASK_KIND=0, COUNT_MODE=0, SKIP_V_LOAD=True, DEBUG=False, DOT_PRECISION="tf32",
-    USE_TMA=True, LOOKBACK_CHUNK=64, DECIDE_CHUNK=16, S_PAD=64,
+    USE_TMA=True, PREFIX_CHUNK=256, DECIDE_CHUNK=16, S_PAD=64,
 )
 # (kernel, overrides of CONSTEXPRS, num_warps, num_stages): the launch configs the host code uses
 VARIANTS = [
     ("prefill_kernel", {}, 8, 3),
     ("prefill_kernel", dict(COUNT_MODE=2, T_PAD=64), 8, 3),
     ("prefill_kernel", dict(MASK_KIND=1, USE_TMA=False, HEAD_DIM=80), 8, 3),
-    ("decode_kernel", {}, 4, 3),
-    ("decode_kernel", dict(MASK_KIND=1), 4, 3),
-    ("decode_kernel", dict(num_splits=1), 4, 3),  # a single split: the split index folds to 0
-    ("decode_kernel", dict(COUNT_MODE=2, T_PAD=64, DEBUG=True), 4, 3),
+    ("decode_scores_kernel", {}, 4, 3),
+    ("decode_attend_kernel", {}, 4, 3),
+    ("decode_attend_kernel", dict(COUNT_MODE=2, T_PAD=64, DEBUG=True), 4, 3),
     ("decode_combine_kernel", {}, 4, 1),
 ]
 

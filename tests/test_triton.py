@@ -196,7 +196,7 @@ def test_decode_matches_reference(lam, dtype, waves, min_tiles, monkeypatch):
 @here
 @pytest.mark.parametrize("lam", [0.05, 1.0])
 def test_decode_split_longer_than_a_decide_chunk(lam, monkeypatch):
-    """One split of 25 tiles: the decode kernel decides in chunks of 16, carrying m across them."""
+    """One split of 25 tiles: the attend kernel decides in chunks of 16, carrying m across them."""
     monkeypatch.setattr(triton_attention, "DECODE_WAVES", 0)
     q, k, v = _inputs(2, 4, 2, 1, 400, 16, torch.float32, seed=5)
     keep = (torch.arange(400)[None, :] < torch.tensor([400, 260])[:, None])[:, None, None, :].to(DEVICE)

@@ -13,7 +13,7 @@ import triton
 
 from .masks import as_4d, drop_causal_mask, per_mask
 from .threshold import phase_of
-from .triton_decode import decode_combine_kernel, decode_kernel
+from .triton_decode import decode_attend_kernel, decode_combine_kernel, decode_scores_kernel
 from .triton_prefill import prefill_kernel
 
 MIN_BLOCK = 16  # tl.dot needs at least 16 rows / columns / reduction depth
@@ -32,7 +32,7 @@ def prefill_config(d_pad: int, block_m: int, block_n: int) -> tuple[int, int]:
 
 
 PREFILL_OVERRIDES: dict = {}  # bench/gpu_check.py sweeps: num_warps, num_stages, skip_v_load, tma
-DECODE_OVERRIDES: dict = {}  # for GPU sweeps: waves, num_warps, num_stages, min_tiles_per_split
+DECODE_OVERRIDES: dict = {}  # for GPU sweeps: waves, num_stages (attend), scores_num_stages, min_tiles_per_split
 
 
 def _pow2(n: int, floor: int = MIN_BLOCK) -> int:
@@ -244,13 +244,12 @@ def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_
     splits = decode_splits(batch * num_kv_heads, num_tiles, q.device)
     tiles_per_split = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, tiles_per_split)
-    num_warps = DECODE_OVERRIDES.get("num_warps", 4 if max(d_pad, dv_pad) <= 128 else 8)
+    num_warps = 4 if max(d_pad, dv_pad) <= 128 else 8
 
     dummy = q.new_empty(1)
     f32 = dict(dtype=torch.float32, device=q.device)
     scores = torch.empty(batch, num_heads, kv_len, **f32)
     tile_max = torch.empty(batch, num_heads, num_tiles, **f32)
-    sync = torch.zeros(1 + batch * num_kv_heads * splits * block_g, dtype=torch.int64, device=q.device)
     part_acc = torch.empty(batch, num_heads, splits, dv_pad, **f32)
     part_l = torch.empty(batch, num_heads, splits, **f32)
     part_m = torch.empty(batch, num_heads, splits, **f32)
@@ -261,21 +260,29 @@ def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_
         m_strides = [_stride(mask4, 0), _stride(mask4, 1), _stride(mask4, 3)]
     else:
         mask_t, mask_kind, mask_min, m_strides = dummy, 0, 0.0, [0, 0, 0]
+    precision = _dot_precision(q.dtype)
+    grid = (splits, batch * num_kv_heads)
+    decode_scores_kernel[grid](
+        q, k, mask_t, scores, tile_max,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *m_strides,
+        scores.stride(0), scores.stride(1), tile_max.stride(0), tile_max.stride(1),
+        num_kv_heads, group, kv_len, tiles_per_split, num_tiles, float(scale), mask_min,
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n,
+        MASK_KIND=mask_kind, DOT_PRECISION=precision, num_warps=num_warps,
+        num_stages=DECODE_OVERRIDES.get("scores_num_stages", 3),
+    )
     dec = decisions_out if decisions_out is not None else dummy
-    decode_kernel[(splits * batch * num_kv_heads,)](
-        q, k, v, mask_t, scores, tile_max, sync, state, trials2 if trials2 is not None else state,
+    decode_attend_kernel[grid](
+        v, scores, tile_max, state, trials2 if trials2 is not None else state,
         stats if stats is not None else dummy, dec, keep_rows, kept, part_acc, part_l, part_m,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        *m_strides, scores.stride(0), scores.stride(1), tile_max.stride(0), tile_max.stride(1),
-        keep_rows.stride(0), keep_rows.stride(1),
+        v.stride(0), v.stride(1), v.stride(2), scores.stride(0), scores.stride(1),
+        tile_max.stride(0), tile_max.stride(1), keep_rows.stride(0), keep_rows.stride(1),
         dec.stride(0) if decisions_out is not None else 0, dec.stride(1) if decisions_out is not None else 0,
         part_l.stride(0), part_l.stride(1), part_l.stride(2),
-        num_kv_heads, group, kv_len, tiles_per_split, num_tiles, splits, float(scale), mask_min,
-        phase_of(1), num_trials, stats_cols,
-        HEAD_DIM=head_dim, VALUE_DIM=value_dim, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK_G=block_g, BLOCK_N=block_n,
-        LOOKBACK_CHUNK=64, DECIDE_CHUNK=16, T_PAD=_pow2(num_trials, 2), MASK_KIND=mask_kind,
-        COUNT_MODE=count_mode, DEBUG=decisions_out is not None, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=DECODE_OVERRIDES.get("num_stages", 3),
+        num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase_of(1), num_trials, stats_cols,
+        VALUE_DIM=value_dim, DV_PAD=dv_pad, BLOCK_G=block_g, BLOCK_N=block_n, PREFIX_CHUNK=256, DECIDE_CHUNK=16,
+        T_PAD=_pow2(num_trials, 2), COUNT_MODE=count_mode, DEBUG=decisions_out is not None,
+        DOT_PRECISION=precision, num_warps=num_warps, num_stages=DECODE_OVERRIDES.get("num_stages", 3),
     )
     decode_combine_kernel[(batch * num_heads,)](
         part_acc, part_l, part_m, out,

@@ -4,33 +4,24 @@ For Lq = 1 every (batch, query head) is its own query tile of one row, so each h
 The G = Hq/Hkv query heads of one KV head are packed as the rows of one program (one K/V read serves
 them all); a row's skipped tile is masked out of that row only, and V is read only for tiles some row keeps.
 
-The vote needs m = max over *all* earlier key tiles, which a split of the KV range does not see. One
-kernel does it in a single pass over K, with a look-back across the splits of a sequence (the
-single-pass scan of Merrill & Garland: each split publishes its own aggregate as soon as it has one, so
-no split waits on a chain)::
+The vote needs m = max over *all* earlier key tiles, which a split of the KV range does not see, so
+decode runs in three launches (scores are Lq·Lk = Lk floats per head, small beside K and V)::
 
-    decode_kernel, one program per (sequence·KV head, split):
-      scores     s = q·kᵀ (exp2 space) of the split's tiles → scratch (it stays in L2), the row max m̃
-                 of every tile, and the split's max over them, published to the split's slot
-      look back  m before the split = max of the slots of the earlier splits, spinning until each is
-                 published
-      decide     the split's tiles DECIDE_CHUNK at a time ([G, chunk] maxima, a prefix max within the
-                 chunk): the rows' votes → keep flags, the tiles some row keeps → a compacted kept
-                 list; per row m_ref = max of m̃ over the tiles it keeps
-      attend     the kept list only: p = exp2(s − m_ref) where the row keeps the tile, else 0; V load;
-                 P·V. Partial (acc, l, m_ref) per split
-    decode_combine_kernel: rescale the partials to one max and normalise (empty rows → 0)
+    1. scores:  per split, s = q·kᵀ (exp2 space) → scratch, and the row max m̃ of every key tile
+    2. attend:  per split, m = max of m̃ over earlier tiles (a short prefix scan), then two loops:
+                  decide  the split's tiles DECIDE_CHUNK at a time ([G, chunk] maxima, a prefix
+                          max within the chunk): the rows' votes → keep_rows, the tiles some
+                          row keeps → a compacted kept list; per row m_ref = max of m̃ over
+                          the tiles it keeps
+                  attend  the kept list only: p = exp2(s − m_ref) where the row keeps the tile,
+                          else 0; V load; P·V. Partial (acc, l, m_ref) per split
+    3. combine: rescale the partials to one max and normalise (empty rows → 0)
 
-Why one pass: the two-launch form (scores, then attend) read the score scratch back from DRAM and ran
-its attend launch at 43 % of DRAM bandwidth (Nsight Compute, H200); here the program that wrote the
-scores reads them back from L2 and programs in their K phase overlap those in their V phase.
-Why decide first: a vote inside the P·V loop puts the V load behind a data-dependent ``if`` and a
-rescale in the loop, and Triton's software pipeliner gives up on it. With each row's reference max
-fixed first, the attend loop has no branch and no rescale (p ≤ 1, and l ≥ 1 for a row that keeps
-anything), and the pipeliner overlaps the V loads of the next kept tiles with this one's P·V.
-Why tickets: a program spins on the splits before it, so those must already be running. Programs take
-their (sequence·KV head, split) from an atomic counter in the order they start, never from their
-program id, so every split a program waits for has started (and none of them waits on a later one).
+Why decide first: with the vote inside the P·V loop, the V load sat behind a data-dependent ``if`` and
+the loop carried an online-softmax rescale, and Triton's software pipeliner gave up on it. Deciding
+first fixes each row's reference max before the second loop, so that loop has no branch and no rescale
+(p ≤ 1, and l ≥ 1 for a row that keeps anything), and the pipeliner overlaps the V loads of the next
+kept tiles with this one's P·V.
 """
 
 from __future__ import annotations
@@ -40,86 +31,34 @@ import triton.language as tl
 
 from .triton_prefill import log2_threshold, row_gap
 
-# A split's published max per row: one int64 word, (1 << 32) | float32 bits, so that the flag and the
-# value are written (and read) in one access; 0 = not yet published (the scratch starts zeroed).
-PUBLISHED = tl.constexpr(1 << 32)
-PUBLISHED_NEG_INF = tl.constexpr((1 << 32) | 0xFF800000)  # −inf: stands in for the masked-off slots of a look-back load
-
 
 @triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _publish(slot_ptrs, m, mask):
-    word = (m.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF) | PUBLISHED
-    tl.atomic_xchg(slot_ptrs, word, mask=mask)
-
-
-@triton.jit
-def _look_back(slots_ptr, split, offs_g, g_ok, BLOCK_G: tl.constexpr, LOOKBACK_CHUNK: tl.constexpr):
-    """Per row, the max over the published maxima of splits 0 … split − 1 (−inf for the first split)."""
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for chunk in range(0, split, LOOKBACK_CHUNK):
-        offs_s = chunk + tl.arange(0, LOOKBACK_CHUNK)
-        ptrs = slots_ptr + offs_s[:, None] * BLOCK_G + offs_g[None, :]
-        earlier = (offs_s < split)[:, None] & g_ok[None, :]
-        word = tl.load(ptrs, mask=earlier, other=PUBLISHED_NEG_INF, volatile=True)
-        while tl.min(word >> 32) == 0:  # some earlier split is still in its score loop
-            word = tl.load(ptrs, mask=earlier, other=PUBLISHED_NEG_INF, volatile=True)
-        m = tl.maximum(m, tl.max((word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True), 0))
-    return m
-
-
-@triton.jit
-def decode_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, scores_ptr, tile_max_ptr, sync_ptr,
-    state_ptr, trials_ptr, stats_ptr, dec_ptr, keep_rows_ptr, kept_ptr, part_acc_ptr, part_l_ptr, part_m_ptr,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mn, stride_sb, stride_sh, stride_tb, stride_th, stride_rb, stride_rh,
-    stride_db, stride_dh, stride_pb, stride_ph, stride_ps,
-    num_kv_heads, group, kv_len, tiles_per_split, num_tiles, num_splits, scale, mask_min,
-    phase, num_trials, stats_cols,
-    HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, LOOKBACK_CHUNK: tl.constexpr, DECIDE_CHUNK: tl.constexpr,
-    T_PAD: tl.constexpr, MASK_KIND: tl.constexpr, COUNT_MODE: tl.constexpr, DEBUG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def decode_scores_kernel(
+    q_ptr, k_ptr, mask_ptr, scores_ptr, tile_max_ptr,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_mb, stride_mh, stride_mn,
+    stride_sb, stride_sh, stride_tb, stride_th,
+    num_kv_heads, group, kv_len, tiles_per_split, num_tiles, scale, mask_min,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (num_splits · B·Hkv,): one split of one sequence's KV head, its partial softmax of kept tiles.
-
-    Scratch: sync int64 zeros (1 + B·Hkv·num_splits·BLOCK_G), [0] the ticket counter, then the published
-    split maxima; scores fp32 (B, Hq, Lk); tile_max fp32 (B, Hq, num_tiles); keep_rows int32 (B, Hq,
-    num_tiles), each row's keep flag per tile (int32: 4-byte loads are the narrowest the pipeliner copies
-    asynchronously); kept int32 (B·Hkv, num_tiles), per split the tiles some row keeps, in order, from
-    the split's first tile on.
-    """
-    ticket = tl.atomic_add(sync_ptr, 1)
-    bh = ticket // num_splits
-    split = (ticket % num_splits).to(tl.int32)
-    b = bh // num_kv_heads  # int64: 64-bit offsets, B·Hkv·Lk·D passes 2^31
-    h_kv = bh % num_kv_heads
+    """Grid (splits, B·Hkv): scores and per-tile row maxima of the packed query heads."""
+    split = tl.program_id(0)
+    b = (tl.program_id(1) // num_kv_heads).to(tl.int64)  # 64-bit offsets: B·Hkv·Lk·D passes 2^31
+    h_kv = (tl.program_id(1) % num_kv_heads).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
     g_ok = offs_g < group
     heads = h_kv * group + offs_g
-    row_scores = scores_ptr + b * stride_sb + heads[:, None] * stride_sh
-    row_tile_max = tile_max_ptr + b * stride_tb + heads * stride_th
-    row_keep = keep_rows_ptr + b * stride_rb + heads * stride_rh
-    k_base = k_ptr + b * stride_kb + h_kv * stride_kh
-    v_base = v_ptr + b * stride_vb + h_kv * stride_vh
-    slots = sync_ptr + 1 + bh * num_splits * BLOCK_G
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-
-    # -- scores of the split's tiles and their row maxima; the split's max is published at once --
     q = tl.load(
         q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
         mask=g_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
     )
     qk_scale = scale * 1.4426950408889634  # 1/ln 2
-    m_split = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    k_base = k_ptr + b * stride_kb + h_kv * stride_kh
+    row_scores = scores_ptr + b * stride_sb + heads[:, None] * stride_sh
+    row_tile_max = tile_max_ptr + b * stride_tb + heads * stride_th
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     for tile in range(tile_lo, tile_hi):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_len
@@ -138,8 +77,8 @@ def decode_kernel(
         if MASK_KIND != 0:
             some = tl.max(attend.to(tl.int32)) > 0
         if some:  # a fully masked tile reads no K (a runtime branch only when a mask can empty it)
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                        mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            # -- compute qk --
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             if MASK_KIND == 2:
                 qk = qk + bias * 1.4426950408889634
@@ -147,12 +86,41 @@ def decode_kernel(
             tl.store(row_scores + offs_n[None, :], qk, mask=g_ok[:, None] & n_ok[None, :])
             m_tile = tl.max(qk, 1)
         tl.store(row_tile_max + tile, m_tile, mask=g_ok)
-        m_split = tl.maximum(m_split, m_tile)
-    _publish(slots + split * BLOCK_G + offs_g, m_split, g_ok)
-    tl.debug_barrier()  # the CTA's scores and tile maxima are visible to all its threads
 
-    # -- m over the tiles of earlier splits --
-    m_i = _look_back(slots, split, offs_g, g_ok, BLOCK_G, LOOKBACK_CHUNK)
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def decode_attend_kernel(
+    v_ptr, scores_ptr, tile_max_ptr, state_ptr, trials_ptr, stats_ptr, dec_ptr, keep_rows_ptr, kept_ptr,
+    part_acc_ptr, part_l_ptr, part_m_ptr,
+    stride_vb, stride_vh, stride_vn, stride_sb, stride_sh, stride_tb, stride_th, stride_rb, stride_rh,
+    stride_db, stride_dh, stride_pb, stride_ph, stride_ps,
+    num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase, num_trials, stats_cols,
+    VALUE_DIM: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFIX_CHUNK: tl.constexpr, DECIDE_CHUNK: tl.constexpr, T_PAD: tl.constexpr, COUNT_MODE: tl.constexpr,
+    DEBUG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (splits, B·Hkv): per-row votes, then the partial softmax of the kept tiles.
+
+    Scratch: keep_rows int32 (B, Hq, num_tiles), each row's keep flag per tile (int32: 4-byte loads are
+    the narrowest the pipeliner copies asynchronously); kept int32 (B·Hkv, num_tiles), per split the
+    tiles some row keeps, in order, from the split's first tile on.
+    """
+    split = tl.program_id(0)
+    b = (tl.program_id(1) // num_kv_heads).to(tl.int64)  # 64-bit offsets: B·Hkv·Lk·D passes 2^31
+    h_kv = (tl.program_id(1) % num_kv_heads).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_dv = tl.arange(0, DV_PAD)
+    g_ok = offs_g < group
+    heads = h_kv * group + offs_g
+    row_scores = scores_ptr + b * stride_sb + heads[:, None] * stride_sh
+    row_tile_max = tile_max_ptr + b * stride_tb + heads * stride_th
+    row_keep = keep_rows_ptr + b * stride_rb + heads * stride_rh
+    v_base = v_ptr + b * stride_vb + h_kv * stride_vh
 
     log_lam2 = log2_threshold(state_ptr, phase, kv_len)
     offs_t = tl.arange(0, T_PAD)
@@ -162,15 +130,21 @@ def decode_kernel(
     else:
         trials2 = tl.where(offs_t == 0, log_lam2, float("-inf"))
 
+    # -- m over the tiles of earlier splits: a short scan of their row maxima --
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for chunk in range(0, tile_lo, PREFIX_CHUNK):
+        offs_c = chunk + tl.arange(0, PREFIX_CHUNK)
+        prev = tl.load(row_tile_max[:, None] + offs_c[None, :], mask=g_ok[:, None] & (offs_c[None, :] < tile_lo), other=float("-inf"))
+        m_i = tl.maximum(m_i, tl.max(prev, 1))
+    # (keep m_i's use after this loop single: Triton 3.6 asserts that when it makes this max thread-local)
+
     # -- decide, DECIDE_CHUNK tiles at a time: votes from the tile maxima alone; keep flags per row, kept
     #    tiles compacted. Vectorised over the chunk (a prefix max within it) because a tile-by-tile loop
     #    is a chain of dependent small loads that delays the first V load of the split --
-    kept_base = kept_ptr + bh * num_tiles + tile_lo
-    # Row maxima over the chunks so far are carried per chunk column and reduced where needed: a
-    # loop-carried row max trips an assertion in Triton 3.6's thread-locality pass when the split
-    # index is a compile-time 0 (a single split)
-    seen_max = tl.full([BLOCK_G, DECIDE_CHUNK], float("-inf"), tl.float32)  # m̃ of the split's tiles so far
-    kept_max = tl.full([BLOCK_G, DECIDE_CHUNK], float("-inf"), tl.float32)  # m̃ of the tiles each row keeps
+    kept_base = kept_ptr + tl.program_id(1).to(tl.int64) * num_tiles + tile_lo
+    m_ref = tl.full([BLOCK_G], float("-inf"), tl.float32)  # per row: max of m̃ over the tiles it keeps
     n_kept = tl.zeros([], tl.int32)
     n_valid = tl.zeros([], tl.int32)
     counts = tl.zeros([T_PAD], tl.int32)
@@ -182,8 +156,7 @@ def decode_kernel(
         # earlier tiles as an exclusive prefix max (a scan over the maxima shifted by one tile)
         earlier = tl.load(row_tile_max[:, None] + offs_c[None, :] - 1, mask=in_chunk & (offs_c > chunk)[None, :],
                           other=float("-inf"))
-        m_carried = tl.maximum(m_i, tl.max(seen_max, 1))
-        m_before = tl.maximum(m_carried[:, None], tl.associative_scan(earlier, 1, _maximum))
+        m_before = tl.maximum(m_i[:, None], tl.associative_scan(earlier, 1, _maximum))
         gap = row_gap(m_tiles, m_before)
         valid = in_chunk & (gap > float("-inf"))
         keep = valid & (gap >= log_lam2)
@@ -198,9 +171,8 @@ def decode_kernel(
         slot = n_kept + tl.cumsum(any_keep, 0) - any_keep  # branch-free append, in tile order
         tl.store(kept_base + slot, offs_c, mask=any_keep > 0)
         n_kept += tl.sum(any_keep, 0)
-        kept_max = tl.maximum(kept_max, tl.where(keep, m_tiles, float("-inf")))
-        seen_max = tl.maximum(seen_max, m_tiles)  # skipped tiles move the running max too (SPEC §4's m)
-    m_ref = tl.max(kept_max, 1)  # per row: max of m̃ over the tiles it keeps
+        m_ref = tl.maximum(m_ref, tl.max(tl.where(keep, m_tiles, float("-inf")), 1))
+        m_i = tl.maximum(m_i, tl.max(m_tiles, 1))  # skipped tiles move the running max too (SPEC §4's m)
     tl.debug_barrier()  # the CTA's keep flags and kept list are visible to all its threads
 
     # -- attend: the kept tiles only; m_ref is fixed, so no rescale and no branch --
@@ -219,8 +191,7 @@ def decode_kernel(
         s = tl.load(row_scores + offs_n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=float("-inf"))
         p = tl.where(keeps[:, None], tl.math.exp2(s - m_safe[:, None]), 0.0)
         l_tile += p
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                    mask=n_ok[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         tile = next_tile
     l_i = tl.sum(l_tile, 1)
