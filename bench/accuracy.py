@@ -4,7 +4,8 @@ One measurement pass calibrates (``fxsparse.calibrate``); everything else reuses
 ``set_target``/``write_laws`` (no recalibration):
 
 1. held-out check: achieved prefill/decode sparsity per length bin for targets 0.3 / 0.5 / 0.7;
-2. global vs per-site law: KL of next-token distributions vs dense on plain essay text, per
+2. global vs per-site law (with ``--laws-from``, also per-site laws pooled toward the model-wide one,
+   ``--site-weights``): KL of next-token distributions vs dense on plain essay text, per
    (prefill, decode) target pair, over the prefill positions and over the last ``--kl-decode``
    tokens, fed one at a time through the KV cache (decode phase);
 3. NIAH over the essays at the given lengths: dense vs (prefill, decode) target pairs, with the
@@ -115,13 +116,21 @@ def _depth(tokenizer, sample: Sample) -> float:
     return round(text.find(sample.answers[0]) / len(text), 3)
 
 
-def _niah(model, tokenizer, sites, lengths, prompts, pairs, dense=True):
-    """Yields one row per (length, config): needles found (and which), achieved sparsity, time."""
-    configs = [("dense", None)] * dense + [(f"{p:.1f}/{d:.1f}", (p, d)) for p, d in pairs]
+def _niah(model, tokenizer, sites, lengths, prompts, pairs, dense=True, law_setters=None):
+    """Yields one row per (length, law, config): needles found (and which), achieved sparsity, time.
+
+    law_setters: name → writes that law (default: the laws the sites hold, unnamed).
+    """
+    law_setters = law_setters or {"": lambda: None}
+    configs = [("", None, "dense", None)] * dense + [
+        (law, write, f"{p:.1f}/{d:.1f}" + (f" {law}" if law else ""), (p, d))
+        for law, write in law_setters.items() for p, d in pairs]
     for length in lengths:
         samples = _niah_prompts(tokenizer, length, prompts)
         depths = [_depth(tokenizer, s) for s in samples]
-        for label, targets in configs:
+        for _, write, label, targets in configs:
+            if write is not None:
+                write()
             _set_mode(sites, targets)
             start, hits = time.perf_counter(), []
             for sample in samples:
@@ -149,11 +158,23 @@ def _kl_rows(model, sites, tokenizer, args, pairs, law_setters):
 
 
 def _saved_laws(saved: dict) -> tuple[dict, dict]:
-    """(model-wide laws, per-site laws) of an earlier run's JSON, as the fits ``write_laws`` takes."""
+    """(model-wide laws, the sites' own fits) of an earlier run's JSON, as the fits ``write_laws`` takes."""
     def fits(laws: dict) -> dict:
         return {phase: LawFit(**law) if law else None for phase, law in laws.items()}
 
-    return fits(saved["laws"]), {name: fits(laws) for name, laws in saved.get("site_laws", {}).items()}
+    laws, site_laws = fits(saved["laws"]), {name: fits(own) for name, own in saved.get("site_laws", {}).items()}
+    weight = saved.get("per_site_weight") or 1.0  # saved site laws were pooled with it: undo (weight 1/w)
+    return laws, _pooled(laws, site_laws, 1.0 / weight)
+
+
+def _pooled(laws: dict, site_laws: dict, weight: float) -> dict:
+    """The per-site laws pooled toward the model-wide law with ``weight`` (``LawFit.pooled_toward``)."""
+    return {name: {phase: fit.pooled_toward(laws[phase], weight) if laws.get(phase) else fit
+                   for phase, fit in own.items()} for name, own in site_laws.items()}
+
+
+def _law_name(weight: float) -> str:
+    return {0.0: "global", 1.0: "per_site"}.get(weight, f"pooled {weight:g}")
 
 
 @contextlib.contextmanager
@@ -193,7 +214,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/accuracy_results.json")
     parser.add_argument("--laws-from", help="reuse the laws of this earlier JSON (no calibration); run KL and NIAH")
     parser.add_argument("--niah-only", help="as --laws-from, but run only NIAH")
-    parser.add_argument("--global-law", action="store_true", help="with --laws-from/--niah-only: NIAH with the model-wide law")
+    parser.add_argument("--site-weights", default="1,0",
+                        help="with --laws-from/--niah-only: laws to compare, as weights of the per-site fit against the "
+                             "model-wide law (1 = per-site, 0 = model-wide, between = pooled), e.g. 1,0.5,0")
     parser.add_argument("--niah-dense", action="store_true", help="with --laws-from/--niah-only: also run dense NIAH")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -217,19 +240,22 @@ def main() -> None:
     if laws_from:
         saved = json.loads(Path(laws_from).read_text())["calibration"]
         results["laws_from"] = laws_from
-        results["law"] = "per_site" if saved.get("site_laws") and not args.global_law else "global"  # NIAH's
         results["kl"] = []
         laws, site_laws = _saved_laws(saved)
+        weights = [float(w) for w in args.site_weights.split(",")] if site_laws else [0.0]
+        setters = {_law_name(w): functools.partial(write_laws, sites, laws, _pooled(laws, site_laws, w), 0.5)
+                   for w in weights}
+        results["law"] = ", ".join(setters)
         if args.laws_from and args.kl_length > 0 and pairs:
-            setters = {mode: functools.partial(write_laws, sites, laws, per_site, 0.5)
-                       for mode, per_site in (("global", {}), ("per_site", site_laws))}
             with _timed(seconds, "kl"):
                 for row in _kl_rows(model, sites, tokenizer, args, pairs, setters):
                     results["kl"].append(row)
                     save()
-        write_laws(sites, laws, {} if args.global_law else site_laws, 0.5)
+        niah_setters = setters if len(setters) > 1 else None  # one law: rows unlabelled, as before
+        next(iter(setters.values()))()
         with _timed(seconds, "niah"):
-            for row in _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, dense=args.niah_dense):
+            for row in _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, dense=args.niah_dense,
+                             law_setters=niah_setters):
                 results["niah"].append(row)
                 save()
         return
@@ -261,13 +287,16 @@ def main() -> None:
             logging.info("held-out %.1f: %s", target, [(r.phase, r.bin, round(r.achieved, 3)) for r in rows])
             save()
 
-    # -- global vs per-site law at the same target pairs: KL vs dense and achieved sparsity on essay text --
-    site_fit = fit_laws(calibration.passes, calibration.trials, cfg_targets, list(sites))
-    calibrated_site_laws = site_fit[1] if cfg.per_site else {}
+    # -- the model-wide, per-site and pooled laws at the same target pairs: KL vs dense and achieved
+    #    sparsity on essay text (the sites' own fits refitted from the same passes) --
+    own_fits = fit_laws(calibration.passes, calibration.trials, cfg_targets, list(sites))[1]
+    calibrated_site_laws = calibration.site_laws if cfg.per_site else {}
     results["kl"] = []
     if args.kl_length > 0 and pairs:
-        setters = {mode: functools.partial(write_laws, sites, calibration.laws, site_laws, cfg_targets)
-                   for mode, site_laws in (("global", {}), ("per_site", site_fit[1]))}
+        weights = dict.fromkeys([1.0, cfg.per_site_weight, 0.0])  # in order, once each
+        setters = {_law_name(w): functools.partial(write_laws, sites, calibration.laws,
+                                                   _pooled(calibration.laws, own_fits, w), cfg_targets)
+                   for w in weights}
         with _timed(seconds, "kl"):
             for row in _kl_rows(model, sites, tokenizer, args, pairs, setters):
                 results["kl"].append(row)

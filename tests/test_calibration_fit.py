@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fxsparse.calibration.fit import fit_law, law_points
+from fxsparse.calibration.fit import LawFit, fit_law, law_points
 from fxsparse.calibration.measure import Pass, merge_decode, trial_grid
 
 
@@ -31,6 +31,20 @@ def test_fit_recovers_exactly_without_noise():
     law = fit_law(0.02 * np.exp(12.0 * sparsity), sparsity)
     assert law.a == pytest.approx(0.02, rel=1e-9) and law.b == pytest.approx(12.0, rel=1e-9)
     assert law.r2 == pytest.approx(1.0)
+
+
+def test_pooled_law_interpolates_log_scale_factors():
+    own = LawFit(a=8.0, b=12.0, r2=0.7, points=30, observed_min=0.0, observed_max=0.9)
+    model_wide = LawFit(a=0.5, b=6.0, r2=0.9, points=900, observed_min=0.0, observed_max=0.95)
+    assert own.pooled_toward(model_wide, 1.0) == own
+    flat = own.pooled_toward(model_wide, 0.0)
+    assert (flat.a, flat.b) == pytest.approx((0.5, 6.0)) and flat.r2 == own.r2  # fit statistics stay the site's
+    half = own.pooled_toward(model_wide, 0.5)
+    for s in (0.2, 0.5, 0.8):  # at every S, ln sf is the mean of the two laws' ln sf
+        expected = 0.5 * (np.log(own.scale_factor(s)) + np.log(model_wide.scale_factor(s)))
+        assert np.log(half.scale_factor(s)) == pytest.approx(expected)
+    back = half.pooled_toward(model_wide, 2.0)  # weight 1/w undoes pooling with w
+    assert (back.a, back.b) == pytest.approx((own.a, own.b))
 
 
 def test_fit_refuses_unusable_points():
@@ -94,3 +108,9 @@ def test_per_site_fit_falls_back_to_the_model_wide_law():
     assert site_laws["layers.0"]["prefill"] != laws["prefill"]
     assert site_laws["layers.1"]["prefill"] == laws["prefill"]
     assert any("layers.1" in w and "model-wide" in w for w in warnings)
+    # pooled: the site's own fit moved halfway (in ln sf) toward the model-wide law; the fallback is unchanged
+    _, pooled, _ = fit_laws(passes, trials, {"prefill": 0.3, "decode": 0.3}, ["layers.0", "layers.1"], site_weight=0.5)
+    own, model_wide = site_laws["layers.0"]["prefill"], laws["prefill"]
+    assert pooled["layers.0"]["prefill"].b == pytest.approx((own.b + model_wide.b) / 2)
+    assert pooled["layers.0"]["prefill"].a == pytest.approx(np.sqrt(own.a * model_wide.a))
+    assert pooled["layers.1"]["prefill"] == model_wide

@@ -58,6 +58,10 @@ BAD_CONFIGS = {
         r"calibration.max_seqlen must be an integer >= 1024, got 512",
     ),
     "data_dir_not_path": ({"sparse_cfg": {"calibration": {"data_dir": 3}}}, r"data_dir must be a directory path"),
+    "site_weight_above_one": (
+        {"sparse_cfg": {"calibration": {"per_site_weight": 1.5}}},
+        r"calibration.per_site_weight must be in \[0.0, 1.0\], got 1.5",
+    ),
 }
 
 

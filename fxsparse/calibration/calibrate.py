@@ -56,11 +56,12 @@ def _fit_phase(passes, phase, trials, target, site=None, name="") -> tuple[LawFi
     return law, warnings
 
 
-def fit_laws(passes, trials, targets, per_site_names=None):
+def fit_laws(passes, trials, targets, per_site_names=None, site_weight=1.0):
     """The model-wide law per phase and, given ``per_site_names`` (in site order), a law per site.
 
-    A site whose own points cannot fix a law gets the model-wide law. Returns
-    ``(laws, site_laws, warnings)``.
+    A site's law is its own fit pooled toward the model-wide law with ``site_weight`` (1: its own fit;
+    ``LawFit.pooled_toward``); a site whose own points cannot fix a law gets the model-wide law.
+    Returns ``(laws, site_laws, warnings)``.
     """
     laws, warnings = {}, []
     for phase in PHASE_ROWS:
@@ -71,6 +72,8 @@ def fit_laws(passes, trials, targets, per_site_names=None):
         own = {}
         for phase in PHASE_ROWS:
             law, notes = _fit_phase(passes, phase, trials, targets[phase], site=index, name=name)
+            if law is not None and laws[phase] is not None:
+                law = law.pooled_toward(laws[phase], site_weight)
             own[phase] = law if law is not None else laws[phase]
             warnings += [f"{n}; using the model-wide law" for n in notes if law is None]
         site_laws[name] = {p: law for p, law in own.items() if law is not None}
@@ -159,7 +162,8 @@ def calibrate(
     trial_values = trials.tolist()
 
     # -- convert: fit, write the buffers, check on held-out samples --
-    laws, site_laws, warnings = fit_laws(passes, trial_values, targets, list(sites) if cfg.per_site else None)
+    laws, site_laws, warnings = fit_laws(passes, trial_values, targets, list(sites) if cfg.per_site else None,
+                                         cfg.per_site_weight)
     write_laws(sites, laws, site_laws, targets)
     for warning in warnings:
         logger.warning("calibration: %s", warning)
@@ -167,6 +171,7 @@ def calibrate(
     heldout = heldout_check(model, sites, heldout_samples, cfg, targets) if heldout_samples else []
     model.train(was_training)
     result = CalibrationResult(laws, targets, cfg.per_site, len(fit_samples), len(passes), trial_values,
-                               time.perf_counter() - start, site_laws, heldout, warnings, passes)
+                               time.perf_counter() - start, site_laws, heldout, warnings, passes,
+                               cfg.per_site_weight if cfg.per_site else None)
     logger.info("%s", result.format())
     return result

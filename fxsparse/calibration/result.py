@@ -34,6 +34,7 @@ class CalibrationResult:
         warnings: targets outside the observed range, phases or sites left uncalibrated.
         passes: the measured ``measure.Pass`` records (not in ``to_dict``): refit with
             ``calibration.calibrate.fit_laws`` without measuring again.
+        per_site_weight: how far the site laws keep their own fit (``LawFit.pooled_toward``), per_site only.
     """
 
     laws: dict[str, LawFit | None]
@@ -47,12 +48,14 @@ class CalibrationResult:
     heldout: list[HeldoutRow] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     passes: list = field(default_factory=list, repr=False)  # the raw measurements (fit.law_points), to refit
+    per_site_weight: float | None = None
 
     def to_dict(self) -> dict:
         return {
             "laws": {p: (law.to_dict() if law else None) for p, law in self.laws.items()},
             "targets": dict(self.targets),
             "per_site": self.per_site,
+            "per_site_weight": self.per_site_weight,
             "site_laws": {s: {p: law.to_dict() for p, law in laws.items()} for s, laws in self.site_laws.items()},
             "heldout": [{**vars(row), "error": row.error} for row in self.heldout],
             "num_samples": self.num_samples,
@@ -64,7 +67,10 @@ class CalibrationResult:
 
     def format(self) -> str:
         """A plain-text summary table."""
-        mode = "per site" if self.per_site else "one law for all sites"
+        mode = "one law for all sites"
+        if self.per_site:
+            mode = "per site" if self.per_site_weight in (None, 1.0) else \
+                f"per site, pooled toward the model-wide law (weight {self.per_site_weight:g})"
         lines = [f"calibration: {self.num_samples} samples, {self.num_passes} measured passes, "
                  f"{len(self.trials)} trial thresholds, {mode}, {self.seconds:.1f} s",
                  f"{'phase':<8} {'target':>6} {'a':>11} {'b':>8} {'R^2':>6} {'points':>6} {'observed S':>13}"]
