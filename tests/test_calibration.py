@@ -10,6 +10,7 @@ import torch
 
 import fxsparse
 from calibration_fixtures import essays, private_cache, tokenizer  # noqa: F401 (fixtures)
+from fxsparse.calibration.calibrate import fit_laws
 from fxsparse.calibration.measure import Recorder, run_sample, trial_grid
 from fxsparse.ops.threshold import A, B, TARGET, make_threshold_state
 from fxsparse.sites import PHASE_ROWS
@@ -108,7 +109,11 @@ def test_per_site_laws_differ_and_are_written(tokenizer, essays):
         assert site.law()["prefill"]["a"] == pytest.approx(result.site_laws[name]["prefill"].a, rel=1e-6)
     a_values = {round(laws["prefill"].a, 6) for laws in result.site_laws.values()}
     assert len(a_values) == len(sites)
-    assert "per-site laws" in result.format()
+    assert "per-site laws" in result.format() and "pooled toward the model-wide law (weight 0.5)" in result.format()
+    # the written laws are the sites' own fits pooled with the default weight, refitted from the same passes
+    _, own, _ = fit_laws(result.passes, result.trials, result.targets, list(sites))
+    _, pooled, _ = fit_laws(result.passes, result.trials, result.targets, list(sites), site_weight=0.5)
+    assert pooled == result.site_laws and own != result.site_laws
 
 
 def test_forward_loop_measures_user_data_and_warns_for_unmeasured_decode(tokenizer):
