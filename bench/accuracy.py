@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="pytorch", choices=["pytorch", "triton"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--out", default="bench/accuracy_results.json")
+    parser.add_argument("--out", default="accuracy_results.json")
     parser.add_argument("--laws-from", help="reuse the laws of this earlier JSON (no calibration); run KL and NIAH")
     parser.add_argument("--niah-only", help="as --laws-from, but run only NIAH")
     parser.add_argument("--site-weights", default="1,0",

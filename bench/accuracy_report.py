@@ -1,6 +1,6 @@
 """Render the JSON of ``bench/accuracy.py`` as the markdown tables of ``bench/ACCURACY.md``.
 
-    python bench/accuracy_report.py bench/accuracy_results.json [more NIAH-only JSON ...]
+    python bench/accuracy_report.py accuracy_results.json [more NIAH-only JSON ...]
 """
 
 from __future__ import annotations
