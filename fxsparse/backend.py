@@ -75,6 +75,9 @@ class SiteCompiler:
         inputs = _GraphInputs(gm, graph_sites) if self.inductor else _AttributeInputs(gm, graph_sites)
         report = rewrite_attention(gm.graph, configure, inputs)
         report.rewritten = [graph_sites[name].name for name in report.rewritten]
+        for site, reason in report.left_dense:
+            if (site, reason) not in self.report.left_dense:  # once, not again per recompile
+                log.warning("fxsparse: %s stays dense: %s", site, reason)
         self.report.extend(report)
         gm.recompile()
         if not self.inductor:

@@ -73,6 +73,8 @@ def _rewrite(module: torch.fx.GraphModule, config: SparseAttentionConfig) -> Rew
     report = rewrite_attention(module.graph, configure, site_inputs)
     module.recompile()
     log.info("fxsparse.transform: %s", report)
+    for site, reason in report.left_dense:
+        log.warning("fxsparse.transform: %s stays dense: %s", site, reason)
     return report
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gpt2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gpt2", "falcon")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 VOCAB = 100
 PAD = 0

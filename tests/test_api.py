@@ -14,7 +14,7 @@ from fxsparse.config import SKIP_SOFTMAX_DEFAULT
 from models import ARCHITECTURES, ATTENTION_IMPLEMENTATIONS, left_padded, random_ids, tiny_model
 
 STATIC_CACHE_ARCHITECTURES = ("llama", "gpt2")  # the static cache path is model-independent HF code
-DENSE = {"sparse_cfg": {"*attn*": {"threshold": 0.0, "br": 16, "bc": 16, "backend": "pytorch"}}}
+DENSE = {"sparse_cfg": {"*": {"threshold": 0.0, "br": 16, "bc": 16, "backend": "pytorch"}}}  # Falcon: self_attention
 
 
 @pytest.fixture(autouse=True)

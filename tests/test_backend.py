@@ -11,7 +11,7 @@ import fxsparse
 from fxsparse.backend import fxsparse_backend
 from models import ARCHITECTURES, ATTENTION_IMPLEMENTATIONS, left_padded, random_ids, tiny_model
 
-DENSE = {"sparse_cfg": {"*attn*": {"threshold": 0.0, "br": 16, "bc": 16, "backend": "pytorch"}}}
+DENSE = {"sparse_cfg": {"*": {"threshold": 0.0, "br": 16, "bc": 16, "backend": "pytorch"}}}  # Falcon: self_attention
 
 
 @pytest.fixture(autouse=True)

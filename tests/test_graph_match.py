@@ -6,6 +6,8 @@ K/V; negative forms must stay dense, with the reason in the report.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import operator
 
@@ -31,21 +33,36 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class Eager(nn.Module):
-    """HF eager_attention_forward, with switches for the forms the matcher must refuse."""
+    """HF eager_attention_forward, with switches for other spellings and for the forms the matcher
+    must refuse. ``scaling``: "multiply", "divide", "divide_in_place" (Falcon's ``scores /= √d``)
+    or "after_mask" (``(QKᵀ + mask)·c``, which scales the mask too). ``sinks``: gpt-oss's extra
+    logit per head, in the softmax and sliced off before P·V."""
 
-    def __init__(self, softcap=None, dropout=0.0, return_probs=False, softmax_dim=-1, divide=False):
+    def __init__(self, softcap=None, dropout=0.0, return_probs=False, softmax_dim=-1, scaling="multiply", sinks=False):
         super().__init__()
         self.softcap, self.dropout, self.return_probs = softcap, dropout, return_probs
-        self.softmax_dim, self.divide = softmax_dim, divide
+        self.softmax_dim, self.scaling, self.sinks = softmax_dim, scaling, sinks
 
     def forward(self, q, k, v, mask):
         k, v = repeat_kv(k, HQ // HKV), repeat_kv(v, HQ // HKV)
         scores = torch.matmul(q, k.transpose(2, 3))
-        scores = scores / math.sqrt(D) if self.divide else scores * D**-0.5
+        if self.scaling == "multiply":
+            scores = scores * D**-0.5
+        elif self.scaling == "divide":
+            scores = scores / math.sqrt(D)
+        elif self.scaling == "divide_in_place":
+            scores /= math.sqrt(D)
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores + mask
-        probs = F.softmax(scores, dim=self.softmax_dim, dtype=torch.float32).to(q.dtype)
+        if self.scaling == "after_mask":
+            scores = scores * D**-0.5
+        if self.sinks:
+            scores = torch.cat([scores, torch.zeros_like(scores[..., :1])], dim=-1)
+        probs = F.softmax(scores, dim=self.softmax_dim, dtype=torch.float32)
+        if self.sinks:
+            probs = probs[..., :-1]
+        probs = probs.to(q.dtype)
         probs = F.dropout(probs, p=self.dropout, training=self.training)
         out = torch.matmul(probs, v)
         return (out, probs) if self.return_probs else out
@@ -96,11 +113,13 @@ def compile_block(attention: nn.Module):
     return model, torch.compile(model, backend=compiler, fullgraph=True), compiler
 
 
-@pytest.mark.parametrize("divide", [False, True])
-@pytest.mark.parametrize("attention", [Eager, Fused])
-def test_dynamo_rewrite_matches_dense(attention, divide):
-    module = attention(divide=divide) if attention is Eager else attention()
-    model, compiled, compiler = compile_block(module)
+SCALINGS = ("multiply", "divide", "divide_in_place")
+
+
+@pytest.mark.parametrize("attention", [*(functools.partial(Eager, scaling=s) for s in SCALINGS), Fused],
+                         ids=[*SCALINGS, "sdpa"])
+def test_dynamo_rewrite_matches_dense(attention):
+    model, compiled, compiler = compile_block(attention())
     q, k, v, mask = inputs()
     torch.testing.assert_close(compiled(q, k, v, mask), model(q, k, v, mask), atol=1e-5, rtol=1e-5)
     assert compiler.report.rewritten == ["self_attn"] and not compiler.report.left_dense
@@ -133,13 +152,15 @@ def test_causal_sdpa_bottom_right_in_decode():
     [
         (Eager(return_probs=True), "used elsewhere"),
         (Eager(softcap=30.0), "soft-capping"),
+        (Eager(scaling="after_mask"), "mask added before scaling"),
+        (Eager(sinks=True), "attention sinks"),
         (Eager(softmax_dim=-2), "dim -2"),
         (Eager(dropout=0.1).train(), "dropout"),
         (Fused(dropout=0.1).train(), "dropout_p"),
     ],
-    ids=["output_attentions", "softcap", "softmax_dim", "dropout_eager", "dropout_sdpa"],
+    ids=["output_attentions", "softcap", "scale_after_mask", "sinks", "softmax_dim", "dropout_eager", "dropout_sdpa"],
 )
-def test_unrepresentable_attention_stays_dense_with_reason(attention, reason):
+def test_unrepresentable_attention_stays_dense_with_reason(attention, reason, caplog):
     model = Block(attention)
     compiler = SiteCompiler(CONFIG, inductor=False)
     compiled = torch.compile(model, backend=compiler, fullgraph=True)
@@ -149,6 +170,8 @@ def test_unrepresentable_attention_stays_dense_with_reason(attention, reason):
     assert compiler.report.rewritten == []
     ((site, why),) = compiler.report.left_dense
     assert site == "self_attn" and reason in why
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"fxsparse: self_attn stays dense: {why}"]
 
 
 def test_causal_sdpa_with_unequal_lengths_stays_dense():
@@ -159,7 +182,8 @@ def test_causal_sdpa_with_unequal_lengths_stays_dense():
 
 
 @pytest.mark.parametrize("decompose", [False, True])
-@pytest.mark.parametrize("attention", [Eager, Fused])
+@pytest.mark.parametrize("attention", [Eager, functools.partial(Eager, scaling="divide_in_place"), Fused],
+                         ids=["eager", "divide_in_place", "sdpa"])
 def test_export_before_and_after_decompositions(attention, decompose):
     """After ``run_decompositions`` the eager chain is bmm/view/expand and SDPA is its math form
     (q and kᵀ scaled by √scale each, a safe softmax); both still match."""

@@ -2,7 +2,7 @@
 
 Two forms are recognised, each described once, next to the checks that guard it:
 
-    eager chain   s = matmul(q, kᵀ) [* scale | / d] [+ mask]    (or view ∘ bmm ∘ view/expand)
+    eager chain   s = matmul(q, kᵀ) [* scale | / d] [+ mask]    (or view ∘ bmm ∘ view/expand; ``/=`` too)
                   p = softmax(s, dim=-1 [, dtype]) [.to()] [dropout(p=0 | eval)] [.to()]
                   out = matmul(p, v)                              (or view ∘ bmm ∘ view/expand)
                   SDPA's decomposed math form is this chain too: q and kᵀ each scaled by √scale,
@@ -31,6 +31,7 @@ from .names import site_name
 from .patterns import (
     ADD,
     CASTS,
+    DIVIDES,
     DROPOUTS,
     MATMULS,
     METADATA_ASSERTS,
@@ -40,6 +41,7 @@ from .patterns import (
     VIEWS,
     arguments,
     is_op,
+    op_name,
     same_size,
     users_of,
     value_of,
@@ -174,7 +176,7 @@ def _scale_factor(node: Node) -> float | Node | None:
     factor = next((a for a in args if not isinstance(a, Node) or _is_symbolic_float(a)), None)
     if factor is None:  # a 0-dim ``torch.full([], c)`` divisor, as older GPT-2 code writes it
         factor = next((a.args[1] for a in args[1:] if is_op(a, {torch.full}) and a.args[0] in ([], ())), None)
-    divides = is_op(node, {operator.truediv, torch.div, "div", aten.div.Tensor, aten.div.Scalar})
+    divides = is_op(node, DIVIDES)
     if isinstance(factor, Node):
         return None if divides else factor
     if not isinstance(factor, (int, float)) or isinstance(factor, bool):
@@ -214,9 +216,32 @@ def _probs_to_output(softmax: Node, pattern: list[Node]) -> tuple[Node, Node] | 
             pattern.append(user)
             return view[0], _strip_views(user.args[1], 4, pattern)
         elif not is_op(user, CASTS | VIEWS):
+            if is_op(user, {torch.bmm}) or _feeds_probs_matmul(user):
+                raise ValueError(f"{_unrepresentable_probs_step(user)} between softmax and P·V is not representable")
             return None
         pattern.append(user)
         node = user
+
+
+def _feeds_probs_matmul(node: Node, steps: int = 4) -> bool:
+    """Whether ``node`` reaches the left operand of a matmul through single-use steps: the softmax
+    is attention even though a step on the way is not one the op can absorb."""
+    for _ in range(steps):
+        users = users_of(node)
+        if len(users) != 1 or not users[0].args or users[0].args[0] is not node:
+            return False
+        node = users[0]
+        if is_op(node, MATMULS | {torch.bmm, aten.bmm.default}):
+            return True
+    return False
+
+
+def _unrepresentable_probs_step(node: Node) -> str:
+    if is_op(node, {operator.getitem, aten.slice.Tensor}):
+        return "slicing the probabilities (attention sinks: extra logits in the softmax)"
+    if is_op(node, {torch.bmm}):
+        return "a 3-D bmm (heads folded into the batch)"
+    return op_name(node)
 
 
 def _safe_softmax_select(softmax: Node, users: list[Node], pattern: list[Node]) -> Node | None:
@@ -272,10 +297,13 @@ def _scores_chain(site, softmax, output, value, pattern) -> AttentionMatch:
     """Walk back from the softmax input over [+ mask] and [* scale] to ``q @ kᵀ``."""
     node, mask, scale = softmax.args[0], None, 1.0
     while True:
+        node = _through_view_round_trip(node, pattern)
         if any(user not in pattern for user in users_of(node)):  # consumers so far: softmax, chain
             raise LeftDense(site, softmax, f"intermediate {node.name} is used elsewhere")
         pattern.append(node)
         if is_op(node, ADD) and mask is None and "alpha" not in node.kwargs:
+            if isinstance(scale, Node) or scale != 1.0:  # softmax((QKᵀ + mask)·c): the op would not scale the mask
+                raise LeftDense(site, softmax, "the scale multiplies the mask too (mask added before scaling)")
             a, b = node.args[:2]
             chain_arg = a if _leads_to_scores(a) else b
             mask = b if chain_arg is a else a
@@ -299,8 +327,8 @@ def _scores_chain(site, softmax, output, value, pattern) -> AttentionMatch:
         operands = query, key_t
     key_t = operands and _transposed_key(operands[1], pattern)
     if not key_t:
-        what = node.target if node.op != "call_method" else f"Tensor.{node.target}"
-        reason = "logit soft-capping (tanh)" if "tanh" in str(what) else f"{what}"
+        what = op_name(node)
+        reason = "logit soft-capping (tanh)" if "tanh" in what else what
         raise LeftDense(site, softmax, f"{reason} between QKᵀ and softmax is not representable")
     query = operands[0]
     key, value = peel_repeat_kv(key_t, pattern), peel_repeat_kv(value, pattern)
@@ -309,6 +337,25 @@ def _scores_chain(site, softmax, output, value, pattern) -> AttentionMatch:
         raise LeftDense(site, softmax, "mask has more than 4 dims")
     pattern.append(output)
     return AttentionMatch(site, output, query, key, value, mask, False, scale, "eager", pattern)
+
+
+def _through_view_round_trip(node, pattern: list[Node]) -> Node:
+    """x from ``view(view(x, 3-D), x.shape)``, single-use: how functionalization replays an in-place
+    op on the 4-D view of a bmm (Falcon's ``scores /= √d`` after ``run_decompositions``)."""
+    chain, source = [], node
+    while is_op(source, {aten.view.default, aten._unsafe_view.default}) and len(users_of(source)) == 1:
+        chain.append(source)
+        source = source.args[0]
+        if _same_shape(source, node):
+            pattern.extend(chain)
+            return source
+    return node
+
+
+def _same_shape(a: Node, b: Node) -> bool:
+    a, b = value_of(a), value_of(b)
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim()
+            and all(same_size(x, y) for x, y in zip(a.shape, b.shape)))
 
 
 def _is_score_tensor(node) -> bool:
@@ -326,6 +373,7 @@ def _peel_constant_scale(node: Node, pattern: list[Node]) -> tuple[Node, float]:
 
 def _leads_to_scores(node) -> bool:
     """Whether ``node`` is the scores side of ``scores + mask`` (a scale or the QKᵀ matmul)."""
+    node = _through_view_round_trip(node, [])
     return isinstance(node, Node) and (
         is_op(node, SCALES | MATMULS) or (is_op(node, VIEWS) and is_op(node.args[0], {aten.bmm.default}))
     )

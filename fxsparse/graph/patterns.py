@@ -20,7 +20,10 @@ MATMULS = {torch.matmul, operator.matmul, "matmul", aten.matmul.default}
 SCALES = {
     operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div",
     aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
+    # in place (Falcon's ``scores /= √d``): a node of its own in both IRs, read through its result
+    operator.imul, operator.itruediv, aten.mul_.Tensor, aten.div_.Tensor,
 }
+DIVIDES = {operator.truediv, operator.itruediv, torch.div, "div", aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor}
 ADD = {operator.add, torch.add, "add", aten.add.Tensor}
 SOFTMAXES = {
     F.softmax, torch.softmax, "softmax",
@@ -65,6 +68,15 @@ def is_op(node, targets) -> bool:
     if node.op == "call_method":
         return node.target in targets
     return node.op == "call_function" and node.target in targets
+
+
+def op_name(node: Node) -> str:
+    """A short name for messages: ``Tensor.float``, ``cat``, ``aten.slice.Tensor``."""
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if isinstance(node.target, torch._ops.OpOverload):
+        return str(node.target)
+    return getattr(node.target, "__name__", str(node.target))
 
 
 def arguments(node: Node, names, defaults: dict | None = None) -> dict:
