@@ -83,7 +83,7 @@ class CalibrationConfig:
     """How to calibrate λ = a·exp(b·S)/L per phase.
 
     Args:
-        target_sparse_ratio: target tile sparsity S per phase, in [0, 1).
+        target_sparse_ratio: target tile sparsity S per phase, in [0, 0.99].
         samples: number of RULER-style calibration samples.
         max_seqlen: longest sample; length bins are powers of two down to 1024.
         chunk_size: prefill longer samples in chunks of this many tokens through the KV cache.
