@@ -57,6 +57,10 @@ def sparsify(model: nn.Module, config: Mapping[str, Any] | None = None,
     if config is None:
         config = recorded.config if recorded is not None else SKIP_SOFTMAX_DEFAULT
     config = SparseAttentionConfig.from_dict(config)
+    if config.calibration is not None:  # a missing tokenizer or essays folder fails here, not after the rewrite
+        from .calibration.calibrate import check_inputs
+
+        check_inputs(config.calibration, forward_loop, tokenizer)
     compiler = SiteCompiler(config, inductor=False, root=model)
     original = model.forward
     compiled = torch.compile(original, backend=compiler, dynamic=True)
