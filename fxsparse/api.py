@@ -138,6 +138,8 @@ def _undo(model: nn.Module) -> None:
 
 
 def _sites(model: nn.Module, pattern: str) -> list[SparseSite]:
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern must be an fnmatch pattern over site names (str, e.g. '*layers.0.*'), got {pattern!r}")
     sites = sites_of(model)
     if not sites:
         raise ValueError(f"{type(model).__name__} has no sparse attention sites; call fxsparse.sparsify first")

@@ -229,6 +229,8 @@ class SparseAttentionConfig:
         for key, value in sparse_cfg.items():
             if key == "calibration":
                 calibration = _parse_calibration(value)
+            elif not isinstance(key, str):
+                raise ValueError(f"sparse_cfg keys are fnmatch patterns over site names (str), got {key!r}")
             elif key != "default":
                 patterns[key] = _parse_site_fields(value, f"sparse_cfg[{key!r}]")
         return cls(patterns, calibration)

@@ -172,6 +172,8 @@ def test_patterns_resolve_over_all_sites_and_unmatched_ones_list_them():
     assert [site.enabled for site in sites.values()] == [True, False]
     with pytest.raises(ValueError, match="matches no attention site"):
         fxsparse.set_threshold(model, 0.1, "lm_head")
+    with pytest.raises(ValueError, match=r"pattern must be an fnmatch pattern .*, got 0"):
+        fxsparse.disable_sparsity(model, 0)
 
 
 def test_calibrating_config_without_its_inputs_fails_before_the_rewrite(tmp_path):
