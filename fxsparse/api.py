@@ -57,6 +57,10 @@ def sparsify(model: nn.Module, config: Mapping[str, Any] | None = None,
     if config is None:
         config = recorded.config if recorded is not None else SKIP_SOFTMAX_DEFAULT
     config = SparseAttentionConfig.from_dict(config)
+    if config.calibration is not None:  # a missing tokenizer or essays folder fails here, not after the rewrite
+        from .calibration.calibrate import check_inputs
+
+        check_inputs(config.calibration, forward_loop, tokenizer)
     compiler = SiteCompiler(config, inductor=False, root=model)
     original = model.forward
     compiled = torch.compile(original, backend=compiler, dynamic=True)
@@ -134,6 +138,8 @@ def _undo(model: nn.Module) -> None:
 
 
 def _sites(model: nn.Module, pattern: str) -> list[SparseSite]:
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern must be an fnmatch pattern over site names (str, e.g. '*layers.0.*'), got {pattern!r}")
     sites = sites_of(model)
     if not sites:
         raise ValueError(f"{type(model).__name__} has no sparse attention sites; call fxsparse.sparsify first")

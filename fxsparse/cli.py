@@ -125,11 +125,16 @@ def validate(args: argparse.Namespace) -> None:
     calib_flags = [f for f in ("calib_samples", "calib_max_seqlen") if getattr(args, f) is not None]
     if calib_flags and args.sparse_attn != "skip_softmax_calib":
         raise CLIError(f"--{calib_flags[0]} needs --sparse_attn skip_softmax_calib")
+    if args.target is not None and args.sparse_attn == "skip_softmax":  # before minutes of loading, not after
+        raise CLIError("--target_sparse_ratio needs a calibrated law: --sparse_attn skip_softmax_calib, not skip_softmax")
     if args.calib_data_dir is not None and not Path(args.calib_data_dir).is_dir():
         raise CLIError(f"--calib_data_dir {args.calib_data_dir}: no such directory")
     if args.export_dir is not None and Path(args.export_dir).is_file():
         raise CLIError(f"--export_dir {args.export_dir} is a file; give a directory")
     args.device = _device(args.device)
+    # sites get "auto" unless --backend is given: it resolves to the same kernel here, and an exported
+    # checkpoint then reloads on any device (a recorded "triton" fails on CPU, "pytorch" is slow on a GPU)
+    args.site_backend = args.backend or "auto"
     if args.backend is None:
         args.backend = "triton" if args.device.type == "cuda" else "pytorch"
     if args.backend == "triton" and args.device.type != "cuda":
@@ -208,7 +213,7 @@ def _config(args: argparse.Namespace, recorded) -> tuple[dict[str, Any], dict[st
                 else "skip_softmax_calib: calibrated λ = a·exp(b·S)/L per phase")
     for key, settings in config["sparse_cfg"].items():
         if key not in ("calibration", "default") or settings.get("enable"):
-            settings["backend"] = args.backend
+            settings["backend"] = args.site_backend
     calibration = config["sparse_cfg"].pop("calibration", None)
     if calibration is not None:
         defaults = GPU_CALIB if args.device.type == "cuda" else CPU_CALIB

@@ -83,7 +83,7 @@ class CalibrationConfig:
     """How to calibrate λ = a·exp(b·S)/L per phase.
 
     Args:
-        target_sparse_ratio: target tile sparsity S per phase, in [0, 1).
+        target_sparse_ratio: target tile sparsity S per phase, in [0, 0.99].
         samples: number of RULER-style calibration samples.
         max_seqlen: longest sample; length bins are powers of two down to 1024.
         chunk_size: prefill longer samples in chunks of this many tokens through the KV cache.
@@ -229,6 +229,8 @@ class SparseAttentionConfig:
         for key, value in sparse_cfg.items():
             if key == "calibration":
                 calibration = _parse_calibration(value)
+            elif not isinstance(key, str):
+                raise ValueError(f"sparse_cfg keys are fnmatch patterns over site names (str), got {key!r}")
             elif key != "default":
                 patterns[key] = _parse_site_fields(value, f"sparse_cfg[{key!r}]")
         return cls(patterns, calibration)

@@ -41,12 +41,15 @@ def transform(ep: ExportedProgram, config: Mapping[str, Any] | None = None) -> E
         ep: an exported program (ATen IR, decomposed or not).
         config: a ``sparse_cfg`` dict; default ``SKIP_SOFTMAX_DEFAULT``.
 
-    Raises ValueError when ``ep`` is not an ExportedProgram, has no attention, or a config
-    pattern matches no site.
+    Raises ValueError when ``ep`` is not an ExportedProgram, has no attention, a config
+    pattern matches no site, or the config has a calibration section (transform does not calibrate).
     """
     if not isinstance(ep, ExportedProgram):
         raise ValueError(f"transform needs a torch.export.ExportedProgram, got {type(ep).__name__}")
     config = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_DEFAULT if config is None else config)
+    if config.calibration is not None:  # ignoring it would leave the fixed thresholds without a word
+        raise ValueError("fxsparse.transform does not calibrate: remove the config's 'calibration' section, or "
+                         "calibrate the model with fxsparse.sparsify(model, config, tokenizer=...) before exporting")
     module = ep.module()
     report = _rewrite(module, config)
     if not report.rewritten:

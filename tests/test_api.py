@@ -172,6 +172,22 @@ def test_patterns_resolve_over_all_sites_and_unmatched_ones_list_them():
     assert [site.enabled for site in sites.values()] == [True, False]
     with pytest.raises(ValueError, match="matches no attention site"):
         fxsparse.set_threshold(model, 0.1, "lm_head")
+    with pytest.raises(ValueError, match=r"pattern must be an fnmatch pattern .*, got 0"):
+        fxsparse.disable_sparsity(model, 0)
+
+
+def test_calibrating_config_without_its_inputs_fails_before_the_rewrite(tmp_path):
+    from test_hf_checkpoint import tiny_tokenizer
+
+    model = tiny_model("llama", "sdpa")
+    with pytest.raises(ValueError, match=r"calibration needs tokenizer= .* or forward_loop=") as error:
+        fxsparse.sparsify(model, fxsparse.SKIP_SOFTMAX_CALIB)
+    assert "\n" not in str(error.value)
+    config = copy.deepcopy(fxsparse.SKIP_SOFTMAX_CALIB)
+    config["sparse_cfg"]["calibration"]["data_dir"] = str(tmp_path / "no-essays")
+    with pytest.raises(FileNotFoundError, match="no Paul Graham essays"):
+        fxsparse.sparsify(model, config, tokenizer=tiny_tokenizer())
+    assert not fxsparse.sites_of(model) and "forward" not in vars(model)
 
 
 @torch.no_grad()

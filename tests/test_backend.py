@@ -62,3 +62,7 @@ def test_mode_keyword_and_bad_options():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unknown fxsparse option"):
         torch.compile(tiny_model("qwen2", "eager"), backend="fxsparse", options={"treshold": 1})(random_ids(1, 8))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"backend='fxsparse'\) does not calibrate"):
+        torch.compile(tiny_model("qwen2", "eager"), backend="fxsparse",
+                      options={"config": fxsparse.SKIP_SOFTMAX_CALIB})(random_ids(1, 8))

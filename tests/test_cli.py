@@ -136,6 +136,7 @@ def test_calibrate_export_then_reload_through_the_cli(capsys, checkpoint, essays
     assert "calibrating: 2 samples up to 1024 tokens" in out and "CPU defaults" not in out
     assert "calibration:" in out  # the CalibrationResult table
     recorded = recorded_sparsity(json.loads((tmp_path / "calibrated" / "config.json").read_text()))
+    assert {record["backend"] for record in recorded.sites.values()} == {"auto"}  # no --backend: reloads on any device
     laws = recorded.laws()
     assert laws and all(law.get("prefill", {"target": 0.6})["target"] == pytest.approx(0.6) for law in laws.values())
 
@@ -174,6 +175,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     (["--sparse_attn", "skip_softmax_calib", "--calib_samples", "0"], ["--calib_samples must be >= 1"]),
     (["--sparse_attn", "skip_softmax_calib", "--calib_max_seqlen", "512"], ["--calib_max_seqlen must be >= 1024"]),
     (["--calib_samples", "4"], ["--calib_samples needs --sparse_attn skip_softmax_calib"]),
+    (["--sparse_attn", "skip_softmax", "--target_sparse_ratio", "0.5"], ["--target_sparse_ratio needs a calibrated law"]),
     (["--device", "gpu0"], ["--device 'gpu0' is not a torch device"]),
     (["--unknown_flag"], ["unrecognized arguments"]),
 ])

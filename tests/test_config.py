@@ -49,6 +49,7 @@ BAD_CONFIGS = {
     "bad_method": (config_with(method="topk"), r"\.method must be one of \['flash_skip_softmax'\]"),
     "enable_not_bool": (config_with(enable=1), r"\.enable must be True or False, got 1"),
     "site_not_dict": ({"sparse_cfg": {"*attn*": 1e-3}}, r"sparse_cfg\['\*attn\*'\] must be a dict"),
+    "pattern_not_str": ({"sparse_cfg": {3: {"enable": True}}}, r"sparse_cfg keys are fnmatch patterns .*, got 3"),
     "target_out_of_range": (
         {"sparse_cfg": {"calibration": {"target_sparse_ratio": 1.0}}},
         r"target_sparse_ratio must be in \[0.0, 0.99\], got 1.0",

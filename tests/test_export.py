@@ -79,6 +79,9 @@ def test_transform_errors_are_one_clear_line():
     config = {"sparse_cfg": {"*attn*": {"threshold": 0.0}, "*decoder*": {"enable": False}}}
     with pytest.raises(ValueError, match=r"'\*decoder\*' matches no attention site.*model.layers.0.self_attn"):
         fxsparse.transform(export(tiny_model("llama", "eager")), config)
+    with pytest.raises(ValueError, match="fxsparse.transform does not calibrate") as error:
+        fxsparse.transform(export(tiny_model("llama", "eager")), fxsparse.SKIP_SOFTMAX_CALIB)
+    assert "\n" not in str(error.value)
 
 
 def test_transformed_program_keeps_the_dynamic_length():

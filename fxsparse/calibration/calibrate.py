@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..assets import essays_dir
 from ..config import CalibrationConfig, SparseAttentionConfig
 from ..sites import PHASE_ROWS, SparseSite, sites_of
 from .fit import LawFit, fit_law, law_points
@@ -112,6 +113,19 @@ def heldout_check(model, sites, samples: list[Sample], cfg: CalibrationConfig, t
             for (phase, bin_size), (skipped, valid, count) in sorted(totals.items(), key=lambda kv: (kv[0][0] != "prefill", -kv[0][1]))]
 
 
+def _sample_count(cfg: CalibrationConfig, forward_loop) -> int:
+    """RULER-style samples to build: the fit's (unless the user's forward_loop replaces them) and the held-out ones."""
+    return (0 if forward_loop else cfg.samples) + cfg.heldout_samples
+
+
+def check_inputs(cfg: CalibrationConfig, forward_loop, tokenizer) -> None:
+    """What calibration needs from the caller; ``sparsify`` checks it before rewriting the model."""
+    if forward_loop is None and tokenizer is None:
+        raise ValueError("calibration needs tokenizer= (to build the calibration samples) or forward_loop=")
+    if tokenizer is not None and _sample_count(cfg, forward_loop):
+        essays_dir(cfg.data_dir)  # the samples are built from the essays: a missing folder is an error up front
+
+
 def calibrate(
     model: nn.Module,
     config: Mapping[str, Any] | SparseAttentionConfig | CalibrationConfig | None = None,
@@ -138,15 +152,14 @@ def calibrate(
     sites = _enabled_sites(model)
     targets = cfg.target_sparse_ratio.to_dict()
     trials = trial_grid() if trials is None else trials
-    if forward_loop is None and tokenizer is None:
-        raise ValueError("calibrate: pass tokenizer= (to build the calibration samples) or forward_loop=")
+    check_inputs(cfg, forward_loop, tokenizer)
     was_training = model.training
     model.eval()
 
     # -- prepare: samples (the last heldout_samples of them are kept out of the fit) --
     samples: list[Sample] = []
     if tokenizer is not None:
-        count = (0 if forward_loop else cfg.samples) + cfg.heldout_samples
+        count = _sample_count(cfg, forward_loop)
         samples = build_samples(tokenizer, count, cfg.max_seqlen, seed=cfg.seed, data_dir=cfg.data_dir) if count else []
     split = len(samples) - cfg.heldout_samples if tokenizer is not None else 0
     fit_samples, heldout_samples = samples[:split], samples[split:]
