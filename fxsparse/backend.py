@@ -226,9 +226,7 @@ def _options_config(options: dict) -> Any:
     if unknown:
         raise ValueError(f"unknown fxsparse option(s) {unknown}; valid options are {list(OPTIONS)}")
     config = SparseAttentionConfig.from_dict(options.get("config") or SKIP_SOFTMAX_DEFAULT)
-    if config.calibration is not None:  # ignoring it would leave the fixed thresholds without a word
-        raise ValueError("torch.compile(backend='fxsparse') does not calibrate: remove the config's 'calibration' "
-                         "section, or calibrate with fxsparse.sparsify(model, config, tokenizer=...)")
+    config.check_no_calibration("torch.compile(backend='fxsparse')")
     if "backend" in options:
         for settings in config.patterns.values():
             settings["backend"] = options["backend"]

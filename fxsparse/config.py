@@ -245,6 +245,13 @@ class SparseAttentionConfig:
             }
         return {"sparse_cfg": sparse_cfg}
 
+    def check_no_calibration(self, entry: str) -> None:
+        """Ways in that only rewrite refuse a calibration section: dropping it would leave the fixed thresholds
+        without a word."""
+        if self.calibration is not None:
+            raise ValueError(f"{entry} does not calibrate: remove the config's 'calibration' section, or calibrate "
+                             "the model with fxsparse.sparsify(model, config, tokenizer=...) first")
+
     def check_patterns(self, site_names: Iterable[str]) -> None:
         """A pattern that matches no site is an error listing the site names."""
         site_names = list(site_names)

@@ -47,9 +47,7 @@ def transform(ep: ExportedProgram, config: Mapping[str, Any] | None = None) -> E
     if not isinstance(ep, ExportedProgram):
         raise ValueError(f"transform needs a torch.export.ExportedProgram, got {type(ep).__name__}")
     config = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_DEFAULT if config is None else config)
-    if config.calibration is not None:  # ignoring it would leave the fixed thresholds without a word
-        raise ValueError("fxsparse.transform does not calibrate: remove the config's 'calibration' section, or "
-                         "calibrate the model with fxsparse.sparsify(model, config, tokenizer=...) before exporting")
+    config.check_no_calibration("fxsparse.transform")
     module = ep.module()
     report = _rewrite(module, config)
     if not report.rewritten:
