@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping
 PHASES = ("prefill", "decode")
 BACKENDS = ("auto", "pytorch", "triton")
 METHODS = ("flash_skip_softmax",)
+TRITON_TILES = (16, 256)  # br, bc range of the Triton kernels: tl.dot needs 16 at least; 256 is the largest tested
 
 
 @dataclass(frozen=True)
@@ -276,8 +277,19 @@ class SparseAttentionConfig:
             for pattern, overrides in self.patterns.items():
                 if pattern == "default" or fnmatch.fnmatchcase(site, pattern):
                     settings = replace(settings, **overrides)
+            _check_triton_tiles(site, settings)
             resolved[site] = settings
         return resolved
+
+
+def _check_triton_tiles(site: str, settings: SiteConfig) -> None:
+    """Tiles the Triton kernels cannot run are a config error now, not a launch error at the first forward
+    (``auto`` picks the Triton backend only on a GPU, so its launch checks them there)."""
+    low, high = TRITON_TILES
+    for name in ("br", "bc"):
+        size = getattr(settings, name)
+        if settings.backend == "triton" and not low <= size <= high:
+            raise ValueError(f"site {site}: backend 'triton' needs {low} <= {name} <= {high}, got {name}={size}")
 
 
 _SKIP_SOFTMAX_SITE = {

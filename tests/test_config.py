@@ -121,6 +121,19 @@ def test_later_pattern_wins_over_earlier():
     assert config.resolve(SITES)["model.layers.2.self_attn"].enable
 
 
+def test_triton_tiles_out_of_range_are_an_error_at_resolve():
+    config = SparseAttentionConfig.from_dict(
+        {"sparse_cfg": {"*attn": {"backend": "triton"}, "*layers.1.*": {"bc": 8}, "*vision*": {"br": 512}}}
+    )
+    with pytest.raises(ValueError, match=r"site model.layers.1.self_attn: backend 'triton' needs 16 <= bc <= 256, got bc=8"):
+        config.resolve(SITES)
+    # the same tiles are fine for the PyTorch backend, and a later pattern can bring them into range
+    SparseAttentionConfig.from_dict({"sparse_cfg": {"*attn": {"backend": "pytorch", "bc": 8}}}).resolve(SITES)
+    SparseAttentionConfig.from_dict(
+        {"sparse_cfg": {"*attn": {"backend": "triton", "br": 512}, "*": {"br": 64}}}
+    ).resolve(SITES)
+
+
 def test_pattern_matching_no_site_lists_the_sites():
     config = SparseAttentionConfig.from_dict({"sparse_cfg": {"*cross_attn": {"enable": True}}})
     with pytest.raises(ValueError, match=r"'\*cross_attn' matches no attention site; sites are: \[") as error:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..config import TRITON_TILES
 from .masks import as_4d, drop_causal_mask, per_mask
 from .threshold import phase_of
-from .triton_decode import decode_attend_kernel, decode_combine_kernel, decode_scores_kernel
+from .triton_decode import (
+    decode_attend_kernel,
+    decode_combine_kernel,
+    decode_scores_kernel,
+)
 from .triton_prefill import prefill_kernel
 
-MIN_BLOCK = 16  # tl.dot needs at least 16 rows / columns / reduction depth
+MIN_BLOCK = TRITON_TILES[0]  # tl.dot needs at least 16 rows / columns / reduction depth
 NUM_SMS_FALLBACK = 132
 DECODE_WAVES = 8
 DECODE_MIN_TILES = 4  # key tiles a split at least: on H200, B = 1 at 32k ran 0.043 ms vs 0.050 ms with 1–2
@@ -156,8 +161,8 @@ def _validate_supported(q, k, v, br, bc) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the Triton backend supports float16, bfloat16 and float32, got {q.dtype}")
     for name, size in (("br", br), ("bc", bc)):
-        if not MIN_BLOCK <= size <= 256:
-            raise ValueError(f"the Triton backend needs {MIN_BLOCK} <= {name} <= 256, got {name}={size}")
+        if not TRITON_TILES[0] <= size <= TRITON_TILES[1]:
+            raise ValueError(f"the Triton backend needs {TRITON_TILES[0]} <= {name} <= {TRITON_TILES[1]}, got {name}={size}")
     if max(q.shape[-1], v.shape[-1]) > 256:
         raise ValueError(f"the Triton backend supports head dims up to 256, got D={q.shape[-1]}, Dv={v.shape[-1]}")
 
