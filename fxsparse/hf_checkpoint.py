@@ -288,18 +288,28 @@ def recorded_sparsity(hf_config: Any) -> RecordedSparsity | None:
     formula = (groups[0].get("threshold_scale_factor") or {}).get("formula")
     if formula != FORMULA:
         raise ValueError(f"config.json threshold_scale_factor formula {formula!r} is not supported; expected {FORMULA!r}")
+    _group_phases(groups[0])  # a malformed law is an error when the checkpoint is read, not when it is applied
     return RecordedSparsity(group=dict(groups[0]), producer=producer)
 
 
 def _group_phases(group: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """The group's law per phase, {phase: {a, b, target}}; phases with a ≤ 0 (never calibrated) left out."""
     factor, targets = group.get("threshold_scale_factor") or {}, group.get("target_sparsity") or {}
     if not isinstance(targets, Mapping):
         targets = {phase: targets for phase in PHASES}
-    return {
-        phase: {"a": float(factor[phase]["a"]), "b": float(factor[phase]["b"]), "target": float(targets.get(phase, 0.0))}
-        for phase in PHASES
-        if phase in factor and float(factor[phase].get("a", 0.0)) > 0
-    }
+    laws = {}
+    for phase in (p for p in PHASES if p in factor):
+        params, where = factor[phase], f"config.json threshold_scale_factor.{phase}"
+        if not isinstance(params, Mapping) or not {"a", "b"} <= params.keys():
+            raise ValueError(f"{where} needs numbers 'a' and 'b', got {params!r}")
+        try:
+            law = {"a": float(params["a"]), "b": float(params["b"]), "target": float(targets.get(phase, 0.0))}
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: a, b and target_sparsity.{phase} must be numbers, got {params!r} and "
+                             f"{targets.get(phase)!r}") from None
+        if law["a"] > 0:
+            laws[phase] = law
+    return laws
 
 
 def _site_settings(record: Mapping[str, Any]) -> dict[str, Any]:

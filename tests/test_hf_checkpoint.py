@@ -208,6 +208,19 @@ def test_no_record_and_bad_records():
         recorded_sparsity({FXSPARSE_KEY: {"version": "0.1.0"}})
 
 
+@pytest.mark.parametrize("prefill, targets, message", [
+    ({"a": 2.0}, {"prefill": 0.5}, "prefill needs numbers 'a' and 'b'"),
+    ({"a": "two", "b": 3.0}, {"prefill": 0.5}, "must be numbers"),
+    ({"a": 2.0, "b": 3.0}, {"prefill": "half"}, "target_sparsity.prefill must be numbers"),
+])
+def test_a_malformed_group_law_is_an_error_when_read(prefill, targets, message):
+    group = {"algorithm": "skip_softmax", "threshold_scale_factor": {"formula": "a * exp(b * target_sparsity)",
+                                                                    "prefill": prefill},
+             "target_sparsity": targets}
+    with pytest.raises(ValueError, match=message):
+        recorded_sparsity({SPARSE_ATTENTION_KEY: {"config_groups": {"group_0": group}}})
+
+
 def test_export_needs_sites_and_apply_needs_the_recorded_sites(tiny, tmp_path):
     model, _ = tiny
     with pytest.raises(ValueError, match="no fxsparse attention sites"):
