@@ -225,7 +225,8 @@ def _options_config(options: dict) -> Any:
     unknown = [key for key in options if key not in OPTIONS]
     if unknown:
         raise ValueError(f"unknown fxsparse option(s) {unknown}; valid options are {list(OPTIONS)}")
-    config = SparseAttentionConfig.from_dict(options.get("config") or SKIP_SOFTMAX_DEFAULT)
+    config = options.get("config")
+    config = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_DEFAULT if config is None else config)
     config.check_no_calibration("torch.compile(backend='fxsparse')")
     if "backend" in options:
         for settings in config.patterns.values():

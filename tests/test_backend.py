@@ -66,3 +66,6 @@ def test_mode_keyword_and_bad_options():
     with pytest.raises(Exception, match=r"backend='fxsparse'\) does not calibrate"):
         torch.compile(tiny_model("qwen2", "eager"), backend="fxsparse",
                       options={"config": fxsparse.SKIP_SOFTMAX_CALIB})(random_ids(1, 8))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="config: missing 'sparse_cfg'"):  # an empty config is not the default
+        torch.compile(tiny_model("qwen2", "eager"), backend="fxsparse", options={"config": {}})(random_ids(1, 8))
