@@ -197,17 +197,18 @@ def reset_stats(model: nn.Module) -> None:
 def summary(model: nn.Module, file=sys.stdout) -> str:
     """A per-site table (written to ``file`` unless None, and returned)."""
     out = io.StringIO()
-    header = f"{'site':<36} {'on':<3} {'br×bc':<9} {'backend':<8} {'threshold / law':<44} {'sparsity p / d'}"
-    print(header, file=out)
+    rows = [("site", "on", "br×bc", "backend", "threshold / law", "sparsity p / d")]
     for name, site in sites_of(model).items():
         info = site.describe()
         sparsity = " / ".join("-" if s is None else f"{s:.1%}" for s in info["sparsity"].values())
-        tiles = f"{info['br']}×{info['bc']}"
-        print(f"{name:<36} {'y' if info['enabled'] else 'n':<3} {tiles:<9} "
-              f"{info['backend']:<8} {_describe_threshold(info):<44} {sparsity}", file=out)
+        rows.append((name, "y" if info["enabled"] else "n", f"{info['br']}×{info['bc']}", info["backend"],
+                     _describe_threshold(info), sparsity))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:  # columns as wide as their longest entry: laws and site names vary a lot in length
+        print(" ".join(cell.ljust(width) for cell, width in zip(row, widths)), row[-1], file=out)
     compiler = getattr(model, COMPILER_ATTRIBUTE, None)
     for site, reason in dict(compiler.report.left_dense if compiler else []).items():
-        print(f"{site:<36} dense: {reason}", file=out)
+        print(f"{site.ljust(widths[0])} dense: {reason}", file=out)
     text = out.getvalue()
     if file is not None:
         file.write(text)
