@@ -48,7 +48,8 @@ def sparsify(model: nn.Module, config: Mapping[str, Any] | None = None,
         model: a ``PreTrainedModel`` (``attn_implementation`` "eager" or "sdpa").
         config: a ``sparse_cfg`` dict; None uses the sparsity recorded in the model's config
             (an fxsparse export) or else ``SKIP_SOFTMAX_DEFAULT``.
-        forward_loop, tokenizer: passed to calibration when the config has a calibration section.
+        forward_loop, tokenizer: passed to calibration when the config has a calibration section
+            (without either, the tokenizer saved at the model's ``name_or_path`` is loaded).
 
     Returns the same model, whose ``forward`` and ``generate()`` run the sparse op.
     """
@@ -60,7 +61,7 @@ def sparsify(model: nn.Module, config: Mapping[str, Any] | None = None,
     if config.calibration is not None:  # a missing tokenizer or essays folder fails here, not after the rewrite
         from .calibration.calibrate import check_inputs
 
-        check_inputs(config.calibration, forward_loop, tokenizer)
+        tokenizer = check_inputs(model, config.calibration, forward_loop, tokenizer)
     compiler = SiteCompiler(config, inductor=False, root=model)
     original = model.forward
     compiled = torch.compile(original, backend=compiler, dynamic=True)

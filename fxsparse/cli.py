@@ -5,8 +5,9 @@ Flags follow Model Optimizer's ``hf_sa.py``::
     fxsparse --sparse_attn skip_softmax_calib --verify_output            # built-in SmolLM2-135M-Instruct
     fxsparse --pyt_ckpt_path ./my-llama --sparse_attn skip_softmax --export_dir ./my-llama-sparse
 
-User errors (a missing path, a model without attention, out-of-range values, ``triton`` without a GPU,
-a hub name without network) are one line on stderr and exit code 2; ``--debug`` shows the traceback.
+User errors (a missing path, a model without attention or none that ``--attn_pattern`` matches, out-of-range
+values, ``triton`` without a GPU, a hub name without network) are one line on stderr and exit code 2; ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip_softmax: fixed thresholds (prefill 1e-3, decode 1e-4); skip_softmax_calib: "
                              "calibrate λ = a·exp(b·S)/L. Default: the sparsity recorded in the checkpoint "
                              "(an fxsparse export), else skip_softmax")
+    sparse.add_argument("--attn_pattern", default=None, metavar="PATTERN",
+                        help="which attention sites the preset sparsifies: fnmatch'd against the attention module "
+                             "path, e.g. model.layers.3.self_attn (default: the presets' '*attn*'; GPT-NeoX and "
+                             "Falcon name theirs 'attention': use '*attention*')")
     sparse.add_argument("--target_sparse_ratio", default=None,
                         help="target tile sparsity S in [0, 0.99]: one value or prefill,decode (default 0.5)")
     sparse.add_argument("--calib_samples", type=int, default=None,
@@ -122,6 +127,9 @@ def validate(args: argparse.Namespace) -> None:
     _positive(args.calib_samples, "--calib_samples")
     _positive(args.calib_max_seqlen, "--calib_max_seqlen", 1024)
     args.target = parse_target(args.target_sparse_ratio)
+    if args.attn_pattern is not None and args.attn_pattern.strip() in ("", "default", "calibration"):
+        raise CLIError(f"--attn_pattern must be an fnmatch pattern over attention module paths (e.g. '*attention*'), "
+                       f"got {args.attn_pattern!r}")
     calib_flags = [f for f in ("calib_samples", "calib_max_seqlen") if getattr(args, f) is not None]
     if calib_flags and args.sparse_attn != "skip_softmax_calib":
         raise CLIError(f"--{calib_flags[0]} needs --sparse_attn skip_softmax_calib")
@@ -201,16 +209,22 @@ def load(path: str | None, device, dtype) -> tuple[Any, Any, str]:
 
 def _config(args: argparse.Namespace, recorded) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
     """(sparse config without calibration, calibration section or None, description of what is applied)."""
-    from .config import SKIP_SOFTMAX_CALIB, SKIP_SOFTMAX_DEFAULT
+    from .config import ATTENTION_PATTERN, SKIP_SOFTMAX_CALIB, SKIP_SOFTMAX_DEFAULT
 
     mode = args.sparse_attn or ("recorded" if recorded is not None else "skip_softmax")
     if mode == "recorded":
+        if args.attn_pattern is not None:  # the recorded config names its sites: no preset pattern to replace
+            raise CLIError("--attn_pattern chooses the sites of a preset, and this checkpoint records its own: "
+                           "add --sparse_attn skip_softmax or skip_softmax_calib to replace the recorded sparsity")
         config = copy.deepcopy(recorded.config)
         what = "the sparsity recorded in the checkpoint"
     else:
         config = copy.deepcopy(SKIP_SOFTMAX_CALIB if mode == "skip_softmax_calib" else SKIP_SOFTMAX_DEFAULT)
         what = ("skip_softmax with fixed thresholds (prefill λ=1e-3, decode λ=1e-4)" if mode == "skip_softmax"
                 else "skip_softmax_calib: calibrated λ = a·exp(b·S)/L per phase")
+        if args.attn_pattern is not None:
+            config["sparse_cfg"][args.attn_pattern] = config["sparse_cfg"].pop(ATTENTION_PATTERN)
+            what += f" on the sites matching {args.attn_pattern!r}"
     for key, settings in config["sparse_cfg"].items():
         if key not in ("calibration", "default") or settings.get("enable"):
             settings["backend"] = args.site_backend
@@ -248,6 +262,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {what} — {type(model).__name__}, {num_params / 1e6:.1f}M parameters, "
           f"loaded in {time.perf_counter() - start:.1f} s", file=out)
 
+    recorded = recorded_sparsity(model.config)
+    if recorded is not None:
+        print(f"found in the checkpoint: {recorded.describe()}", file=out)
+    config, calibration, applied = _config(args, recorded)  # its flag errors come before the dense run
+
     prompt = dense = None
     if args.verify_output:  # the dense answer comes from the model as loaded, before any rewrite
         from .verify import build_prompt, generate
@@ -256,11 +275,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"verify: {prompt.length}-token question prompt; dense answer from the original model first", file=out)
         dense = generate(model, tokenizer, prompt, args.max_new_tokens, progress="dense")
 
-    recorded = recorded_sparsity(model.config)
-    if recorded is not None:
-        print(f"found in the checkpoint: {recorded.describe()}", file=out)
-    config, calibration, applied = _config(args, recorded)
-    fxsparse.sparsify(model, config)
+    try:
+        fxsparse.sparsify(model, config)
+    except ValueError as error:  # the config's own message lists the sites; the CLI adds the flag that picks them
+        if "matches no attention site" not in str(error):
+            raise
+        raise CLIError(f"{error}; pass --attn_pattern to choose them (e.g. --attn_pattern '*attention*')") from error
     sites = sites_of(model)
     if not sites:
         raise CLIError(f"no attention found in {what}: nothing to sparsify")

@@ -292,6 +292,10 @@ def _check_triton_tiles(site: str, settings: SiteConfig) -> None:
             raise ValueError(f"site {site}: backend 'triton' needs {low} <= {name} <= {high}, got {name}={size}")
 
 
+ATTENTION_PATTERN = "*attn*"
+"""The presets' site pattern: matches ``self_attn`` (Llama, Qwen, Mistral, Phi) and ``attn`` (GPT-2), not
+``attention`` (GPT-NeoX, Falcon, Bloom), which need their own pattern."""
+
 _SKIP_SOFTMAX_SITE = {
     "method": "flash_skip_softmax",
     "threshold": {"prefill": 1e-3, "decode": 1e-4},
@@ -303,14 +307,14 @@ _SKIP_SOFTMAX_SITE = {
 }
 
 SKIP_SOFTMAX_DEFAULT: dict[str, Any] = {
-    "sparse_cfg": {"*attn*": dict(_SKIP_SOFTMAX_SITE), "default": {"enable": False}}
+    "sparse_cfg": {ATTENTION_PATTERN: dict(_SKIP_SOFTMAX_SITE), "default": {"enable": False}}
 }
 """Fixed thresholds: λ = 1e-3 in prefill, 1e-4 in decode."""
 
 SKIP_SOFTMAX_CALIB: dict[str, Any] = {
     "sparse_cfg": {
         "calibration": {"target_sparse_ratio": {"prefill": 0.5, "decode": 0.5}, "samples": 64, "max_seqlen": 8192},
-        "*attn*": dict(_SKIP_SOFTMAX_SITE),
+        ATTENTION_PATTERN: dict(_SKIP_SOFTMAX_SITE),
         "default": {"enable": False},
     }
 }

@@ -3,18 +3,21 @@ and the one-pass trial counting checked against per-λ counting through the op's
 
 from __future__ import annotations
 
+import copy
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
 import fxsparse
-from calibration_fixtures import essays, private_cache, tokenizer  # noqa: F401 (fixtures)
+from calibration_fixtures import essays, essays_folder, private_cache, tokenizer  # noqa: F401 (fixtures)
 from fxsparse.calibration.calibrate import fit_laws
 from fxsparse.calibration.measure import Recorder, run_sample, trial_grid
 from fxsparse.ops.threshold import A, B, TARGET, make_threshold_state
 from fxsparse.sites import PHASE_ROWS
 from sparse_llama import tiny_llama
+from test_hf_checkpoint import save_tiny_llama
 
 # random weights only skip for λ near 1 and above (SPEC §9), so the tiny model's grid reaches past 0.99
 TRIALS = trial_grid(40, low=1e-2, high=1e3)
@@ -162,3 +165,34 @@ def test_calibrate_a_model_rewritten_by_sparsify(tokenizer, essays):
         assert law["prefill"]["a"] == pytest.approx(result.laws["prefill"].a, rel=1e-6)
         assert law["decode"]["b"] == pytest.approx(result.laws["decode"].b, rel=1e-6)
     assert "prefill" in result.format() and result.num_passes > 0
+
+
+def test_sparsify_calibrates_with_the_tokenizer_saved_with_the_model(tmp_path, caplog):
+    """No tokenizer=: as with HuggingFace, the tokenizer is the one at the model's name_or_path."""
+    from transformers import AutoModelForCausalLM
+
+    save_tiny_llama(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    config = copy.deepcopy(fxsparse.SKIP_SOFTMAX_CALIB)
+    config["sparse_cfg"]["calibration"].update(samples=2, max_seqlen=1024, heldout_samples=0, per_site=False,
+                                               data_dir=str(essays_folder(tmp_path)))
+    with caplog.at_level(logging.INFO, logger="fxsparse.calibration.calibrate"):
+        fxsparse.sparsify(model, config)
+    assert f"loaded from the model's path {tmp_path / 'model'}" in caplog.text
+    laws = [site.law() for site in fxsparse.sites_of(model).values()]
+    assert len(laws) == 2 and laws[0] and all(law == laws[0] for law in laws)  # one model-wide law in every site
+    for values in laws[0].values():
+        assert values["a"] > 0 and values["b"] > 0 and values["target"] == pytest.approx(0.5)
+
+
+def test_no_tokenizer_at_the_models_path_names_the_path(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=320)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)  # weights only, no tokenizer
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"calibration needs tokenizer= .* or forward_loop=") as error:
+        fxsparse.sparsify(model, fxsparse.SKIP_SOFTMAX_CALIB)
+    assert f"no tokenizer at the model's path '{tmp_path}'" in str(error.value) and "\n" not in str(error.value)
+    assert not fxsparse.sites_of(model)  # refused before the rewrite

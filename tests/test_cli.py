@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, MambaConfig, MambaForCausalLM
 
 import fxsparse
 from fxsparse.cli import main, parse_target
@@ -37,6 +37,17 @@ def essays(tmp_path_factory):
     directory = tmp_path_factory.mktemp("essays")
     for index in range(3):
         (directory / f"essay{index}.txt").write_text(f"Essay {index}. " + ESSAY * 30)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def neox_checkpoint(tmp_path_factory):
+    """A 2-layer random GPT-NeoX: its attention modules are ``gpt_neox.layers.N.attention``, which ``*attn*`` misses."""
+    directory = tmp_path_factory.mktemp("tiny-neox")
+    config = GPTNeoXConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=4096, bos_token_id=0, eos_token_id=0)
+    GPTNeoXForCausalLM(config).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
     return directory
 
 
@@ -95,7 +106,7 @@ def test_help_subprocess():
     assert result.returncode == 0, result.stderr
     for flag in ("--pyt_ckpt_path", "--sparse_attn", "--backend", "--seq_len", "--verify_output", "--export_dir",
                  "--target_sparse_ratio", "--calib_samples", "--calib_max_seqlen", "--calib_data_dir",
-                 "--max_new_tokens", "--device", "--debug"):
+                 "--max_new_tokens", "--device", "--debug", "--attn_pattern"):
         assert flag in result.stdout
 
 
@@ -152,6 +163,29 @@ def test_calibrate_export_then_reload_through_the_cli(capsys, checkpoint, essays
             assert values["target"] == pytest.approx(0.3)
 
 
+def test_attn_pattern_sparsifies_attention_the_preset_misses(capsys, neox_checkpoint, tmp_path):
+    code, _, err = run_cli(capsys, "--pyt_ckpt_path", neox_checkpoint)
+    assert_one_line_error(code, err, "'*attn*' matches no attention site", "gpt_neox.layers.0.attention",
+                          "pass --attn_pattern")
+
+    code, out, err = run_cli(capsys, "--pyt_ckpt_path", neox_checkpoint, "--attn_pattern", "*attention*",
+                             "--export_dir", tmp_path / "out")
+    assert code == 0, err
+    assert "found 2 attention sites (2 enabled)" in out and "on the sites matching '*attention*'" in out
+    recorded = recorded_sparsity(json.loads((tmp_path / "out" / "config.json").read_text()))
+    assert {name: record["enable"] for name, record in recorded.sites.items()} == {
+        "gpt_neox.layers.0.attention": True, "gpt_neox.layers.1.attention": True}
+
+    # a recorded checkpoint names its sites: the pattern needs a preset to replace them
+    code, _, err = run_cli(capsys, "--pyt_ckpt_path", tmp_path / "out", "--attn_pattern", "*attention*")
+    assert_one_line_error(code, err, "--attn_pattern", "add --sparse_attn")
+    # the preset's settings move to the new pattern; "default" still leaves the other sites dense
+    code, out, err = run_cli(capsys, "--pyt_ckpt_path", tmp_path / "out", "--sparse_attn", "skip_softmax",
+                             "--attn_pattern", "*layers.1.attention")
+    assert code == 0, err
+    assert "found 2 attention sites (1 enabled)" in out and "λ=0.001" in out
+
+
 # -- errors: one line on stderr, exit code 2, no traceback --
 
 
@@ -177,6 +211,8 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     (["--calib_samples", "4"], ["--calib_samples needs --sparse_attn skip_softmax_calib"]),
     (["--sparse_attn", "skip_softmax", "--target_sparse_ratio", "0.5"], ["--target_sparse_ratio needs a calibrated law"]),
     (["--device", "gpu0"], ["--device 'gpu0' is not a torch device"]),
+    (["--attn_pattern", " "], ["--attn_pattern must be an fnmatch pattern", "got ' '"]),
+    (["--attn_pattern", "default"], ["--attn_pattern must be an fnmatch pattern", "got 'default'"]),
     (["--unknown_flag"], ["unrecognized arguments"]),
 ])
 def test_bad_values(capsys, argv, fragments):

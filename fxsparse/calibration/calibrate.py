@@ -118,12 +118,34 @@ def _sample_count(cfg: CalibrationConfig, forward_loop) -> int:
     return (0 if forward_loop else cfg.samples) + cfg.heldout_samples
 
 
-def check_inputs(cfg: CalibrationConfig, forward_loop, tokenizer) -> None:
-    """What calibration needs from the caller; ``sparsify`` checks it before rewriting the model."""
+def _model_tokenizer(model: nn.Module):
+    """The tokenizer saved with the model, as HuggingFace finds it: ``AutoTokenizer`` at the model's
+    ``name_or_path``, from local files only (calibration never downloads)."""
+    from transformers import AutoTokenizer
+
+    needed = "calibration needs tokenizer= (to build the calibration samples) or forward_loop="
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path:
+        raise ValueError(f"{needed}; the model has no name_or_path to load its tokenizer from")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"{needed}; no tokenizer at the model's path {path!r} ({reason})") from error
+    logger.info("calibration: %s loaded from the model's path %s", type(tokenizer).__name__, path)
+    return tokenizer
+
+
+def check_inputs(model: nn.Module, cfg: CalibrationConfig, forward_loop, tokenizer):
+    """What calibration needs from the caller; ``sparsify`` checks it before rewriting the model.
+
+    Returns the tokenizer: the one given, else (without ``forward_loop``) the one saved with the model.
+    """
     if forward_loop is None and tokenizer is None:
-        raise ValueError("calibration needs tokenizer= (to build the calibration samples) or forward_loop=")
+        tokenizer = _model_tokenizer(model)
     if tokenizer is not None and _sample_count(cfg, forward_loop):
         essays_dir(cfg.data_dir)  # the samples are built from the essays: a missing folder is an error up front
+    return tokenizer
 
 
 def calibrate(
@@ -142,7 +164,8 @@ def calibrate(
         forward_loop: ``forward_loop(model)`` runs the user's own data instead of the RULER samples;
             every forward call is measured (decode is measured only if the loop decodes).
         tokenizer: the model's tokenizer, to build the RULER-style samples (needed without forward_loop,
-            and for the held-out check).
+            and for the held-out check). Without it and without forward_loop, the tokenizer saved at the
+            model's ``name_or_path`` is loaded (local files only), as ``AutoTokenizer.from_pretrained`` would.
         trials: the trial λ grid (default ``trial_grid()``: 48 log-spaced values in [1e-6, 100]).
     Returns:
         a ``CalibrationResult``; ``result.format()`` is a summary table.
@@ -152,7 +175,7 @@ def calibrate(
     sites = _enabled_sites(model)
     targets = cfg.target_sparse_ratio.to_dict()
     trials = trial_grid() if trials is None else trials
-    check_inputs(cfg, forward_loop, tokenizer)
+    tokenizer = check_inputs(model, cfg, forward_loop, tokenizer)
     was_training = model.training
     model.eval()
 
