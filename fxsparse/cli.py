@@ -249,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import fxsparse
+    from .config import UnmatchedPatternError
     from .hf_checkpoint import export_hf, recorded_sparsity
     from .sites import sites_of
 
@@ -277,9 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         fxsparse.sparsify(model, config)
-    except ValueError as error:  # the config's own message lists the sites; the CLI adds the flag that picks them
-        if "matches no attention site" not in str(error):
-            raise
+    except UnmatchedPatternError as error:  # its message lists the sites; the CLI adds the flag that picks them
         raise CLIError(f"{error}; pass --attn_pattern to choose them (e.g. --attn_pattern '*attention*')") from error
     sites = sites_of(model)
     if not sites:

@@ -26,6 +26,10 @@ METHODS = ("flash_skip_softmax",)
 TRITON_TILES = (16, 256)  # br, bc range of the Triton kernels: tl.dot needs 16 at least; 256 is the largest tested
 
 
+class UnmatchedPatternError(ValueError):
+    """A config pattern that matches no attention site (the message lists the sites)."""
+
+
 @dataclass(frozen=True)
 class PhaseValues:
     """One number per phase: prefill (Lq > 1) and decode (Lq == 1)."""
@@ -258,7 +262,7 @@ class SparseAttentionConfig:
         site_names = list(site_names)
         for pattern in self.patterns:
             if pattern != "default" and not any(fnmatch.fnmatchcase(s, pattern) for s in site_names):
-                raise ValueError(
+                raise UnmatchedPatternError(
                     f"config pattern {pattern!r} matches no attention site; sites are: {site_names}"
                 )
 
