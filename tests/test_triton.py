@@ -97,7 +97,7 @@ PREFILL_CASES = [
     (1, 4, 1, 67, 40, 16, 1.5, True, 32, 16),  # Lq > Lk: early rows see nothing
     (1, 2, 2, 20, 90, 16, 3.0, True, 16, 16),  # Lq < Lk: bottom-right diagonal
     (1, 6, 2, 50, 75, 80, 2.0, False, 16, 16),  # head dim padded to 128
-    (1, 2, 1, 5, 100, 16, 1.0, True, 32, 16),  # small Lq: one short query tile
+    (1, 16, 1, 9, 100, 16, 1.0, True, 16, 16),  # Lq < br, 16 heads × 9 rows a KV head: one short query tile
 ]
 
 
@@ -213,9 +213,42 @@ def test_decode_additive_mask_and_empty_sequence():
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+# -- short queries (speculative / chunked steps): Lq <= br runs split-K like decode, one query tile a head --
+SHORT_CASES = [
+    # b, hq, hkv, lq, lk, d, causal, br
+    (2, 8, 2, 4, 150, 32, True, 16),
+    (1, 4, 4, 3, 77, 16, False, 16),  # MHA: heads padded to 16 packed rows
+    (2, 6, 2, 5, 130, 24, True, 32),  # G = 3 and Lq = 5: padded heads and positions
+]
+
+
+@here
+@pytest.mark.parametrize("case", SHORT_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("lam", [0.0, 0.2, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_short_query_runs_split_k_and_matches_reference(case, lam, dtype, monkeypatch):
+    b, hq, hkv, lq, lk, d, causal, br = case
+
+    def no_prefill(*args, **kwargs):
+        raise AssertionError("a short query went to the prefill kernel")
+
+    monkeypatch.setattr(triton_attention, "_launch_prefill", no_prefill)
+    monkeypatch.setitem(triton_attention.DECODE_OVERRIDES, "min_tiles_per_split", 2)  # several splits
+    q, k, v = _inputs(b, hq, hkv, lq, lk, d, dtype, seed=hash(case) % 1000)
+    compare(q, k, v, lam=lam, causal=causal, br=br, bc=16)
+    # per-sequence KV lengths as a boolean mask, and an additive mask that differs per query row
+    lengths = torch.tensor([lk, lk // 2])[:b]
+    keep = (torch.arange(lk)[None, :] < lengths[:, None])[:, None, None, :].to(DEVICE)
+    compare(q, k, v, lam=lam, mask=keep, br=br, bc=16)
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    bias = torch.randn(b, 1, lq, lk, generator=gen) * 2
+    bias[..., : lk // 3] = torch.finfo(torch.float32).min  # early keys masked for every row
+    compare(q, k, v, lam=lam, mask=bias.to(DEVICE), br=br, bc=16)
+
+
 # -- counting (calibration's measuring mode): dense output, every trial λ counted in one pass --
 @here
-@pytest.mark.parametrize("lq", [1, 45])
+@pytest.mark.parametrize("lq", [1, 5, 45])  # decode, a short query (split-K), prefill
 def test_counting_matches_reference(lq):
     q, k, v = _inputs(2, 4, 2, lq, 90, 16, torch.float32, seed=13)
     trials = [1e-4, 1e-2, 0.1, 0.5, 0.99, 2.0, 5.0]
@@ -279,6 +312,19 @@ def test_gpu_masks_decode_counting(dtype):
     keep = (torch.arange(9000, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
     compare(qd, kd, vd, lam=2.0, mask=keep, br=128, bc=128, rtol=1e-2)
     compare(qd, kd, vd, trials=[1e-3, 0.1, 1.0, 4.0], br=128, bc=128, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_short_query_split_k(dtype):
+    """A speculative step of 4 rows on a long cache: split-K, causal bottom-right, ragged lengths, counting."""
+    q, k, v = _inputs(3, 32, 8, 4, 9000, 128, dtype, seed=23)
+    lengths = torch.tensor([9000, 4000, 130], device="cuda")
+    keep = (torch.arange(9000, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    compare(q, k, v, lam=2.0, causal=True, br=128, bc=128, rtol=1e-2)
+    compare(q, k, v, lam=0.5, mask=keep, br=128, bc=64, rtol=1e-2)
+    compare(q, k, v, trials=[1e-3, 0.1, 1.0, 4.0], causal=True, br=128, bc=128, rtol=1e-2)
 
 
 @pytest.mark.gpu

@@ -1,9 +1,10 @@
 """Host side of the Triton backend: mask summaries, launch configs and dispatch to the kernels.
 
 ``skip_softmax_attention`` has the contract of ``reference_attention`` (SPEC §4); the op in ``op.py``
-calls it for CUDA tensors. Lq == 1 goes to the split-K decode kernels (``triton_decode.py``), every
-other length to the prefill kernel (``triton_prefill.py``), which also serves small Lq (a query tile
-shorter than br holds all Lq rows, so its vote is still exactly the (br, bc) tile's).
+calls it for CUDA tensors. Short queries go to the split-K kernels of ``triton_decode.py``: decode
+(Lq == 1) always, and Lq ≤ br (speculative or chunked steps: one query tile per head) while a KV head's
+query rows fit one program. Every other length goes to the prefill kernel (``triton_prefill.py``), whose
+programs each own a query tile and walk the whole KV length (too few programs for a short query).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ MIN_BLOCK = TRITON_TILES[0]  # tl.dot needs at least 16 rows / columns / reducti
 NUM_SMS_FALLBACK = 132
 DECODE_WAVES = 8
 DECODE_MIN_TILES = 4  # key tiles a split at least: on H200, B = 1 at 32k ran 0.043 ms vs 0.050 ms with 1–2
+SPLIT_K_MAX_ROWS = 64  # query rows (heads of a KV head × positions) one split-K program holds for Lq > 1
 
 
 # -- launch configs: (num_warps, num_stages) by padded head dim and tile shape; tuned on H100/H200 --
@@ -149,12 +151,19 @@ def skip_softmax_attention(
         state=state, trials2=trials2, count_mode=count_mode, num_trials=num_trials, stats_cols=stats_cols,
         stats=stats, decisions_out=decisions_out,
     )
-    if query_len == 1:
-        _launch_decode(q, k, v, out, attn_mask, scale, bc, **common)
+    attn_mask, is_causal = drop_causal_mask(attn_mask, is_causal, query_len, kv_len)
+    if query_len == 1 or (query_len <= br and _split_k_rows(num_heads // k.shape[1], query_len)[2] <= SPLIT_K_MAX_ROWS):
+        _launch_decode(q, k, v, out, attn_mask, is_causal, scale, bc, **common)
     else:
-        attn_mask, is_causal = drop_causal_mask(attn_mask, is_causal, query_len, kv_len)
         _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, **common)
     return out
+
+
+def _split_k_rows(group: int, query_len: int) -> tuple[int, int, int]:
+    """(BLOCK_G, BLOCK_T, rows) of a split-K program: G heads × Lq positions, padded to tl.dot's 16 rows."""
+    block_t = triton.next_power_of_2(query_len)
+    block_g = max(triton.next_power_of_2(group), MIN_BLOCK // min(block_t, MIN_BLOCK))
+    return block_g, block_t, block_g * block_t
 
 
 def _validate_supported(q, k, v, br, bc) -> None:
@@ -238,60 +247,63 @@ def decode_splits(num_programs: int, num_tiles: int, device) -> int:
     return max(1, min(max_splits, triton.cdiv(waves * _num_sms(device), num_programs)))
 
 
-def _launch_decode(q, k, v, out, attn_mask, scale, bc, *, state, trials2, count_mode, num_trials, stats_cols,
-                   stats, decisions_out):
-    batch, num_heads, _, head_dim = q.shape
+def _launch_decode(q, k, v, out, attn_mask, is_causal, scale, bc, *, state, trials2, count_mode, num_trials,
+                   stats_cols, stats, decisions_out):
+    """Split-K over the KV length for a short query (the three launches of ``triton_decode.py``)."""
+    batch, num_heads, query_len, head_dim = q.shape
     num_kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     group = num_heads // num_kv_heads
-    block_g, block_n = _pow2(group), bc
+    block_g, block_t, rows = _split_k_rows(group, query_len)
+    block_n = bc
     d_pad, dv_pad = _pow2(head_dim), _pow2(value_dim)
     num_tiles = triton.cdiv(kv_len, block_n)
     splits = decode_splits(batch * num_kv_heads, num_tiles, q.device)
     tiles_per_split = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, tiles_per_split)
-    num_warps = 4 if max(d_pad, dv_pad) <= 128 else 8
+    num_warps = 4 if max(d_pad, dv_pad) <= 128 and rows <= 32 else 8
 
     dummy = q.new_empty(1)
     f32 = dict(dtype=torch.float32, device=q.device)
-    scores = torch.empty(batch, num_heads, kv_len, **f32)
-    tile_max = torch.empty(batch, num_heads, num_tiles, **f32)
-    part_acc = torch.empty(batch, num_heads, splits, dv_pad, **f32)
-    part_l = torch.empty(batch, num_heads, splits, **f32)
-    part_m = torch.empty(batch, num_heads, splits, **f32)
-    keep_rows = torch.empty(batch, num_heads, num_tiles, dtype=torch.int32, device=q.device)  # per row and tile
+    rows_shape = (batch, num_heads, query_len)
+    scores = torch.empty(*rows_shape, kv_len, **f32)
+    tile_max = torch.empty(*rows_shape, num_tiles, **f32)
+    part_acc = torch.empty(*rows_shape, splits, dv_pad, **f32)
+    part_l = torch.empty(*rows_shape, splits, **f32)
+    part_m = torch.empty(*rows_shape, splits, **f32)
+    keep_heads = torch.empty(batch, num_heads, num_tiles, dtype=torch.int32, device=q.device)  # per head and tile
     kept = torch.empty(batch * num_kv_heads, num_tiles, dtype=torch.int32, device=q.device)  # per split, compacted
     if attn_mask is not None:
         mask_t, mask_kind, mask_min, mask4 = _mask_operand(attn_mask)
-        m_strides = [_stride(mask4, 0), _stride(mask4, 1), _stride(mask4, 3)]
+        m_strides = [_stride(mask4, d) for d in range(4)]
     else:
-        mask_t, mask_kind, mask_min, m_strides = dummy, 0, 0.0, [0, 0, 0]
+        mask_t, mask_kind, mask_min, m_strides = dummy, 0, 0.0, [0, 0, 0, 0]
     precision = _dot_precision(q.dtype)
     grid = (splits, batch * num_kv_heads)
     decode_scores_kernel[grid](
         q, k, mask_t, scores, tile_max,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), *m_strides,
-        scores.stride(0), scores.stride(1), tile_max.stride(0), tile_max.stride(1),
-        num_kv_heads, group, kv_len, tiles_per_split, num_tiles, float(scale), mask_min,
-        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n,
-        MASK_KIND=mask_kind, DOT_PRECISION=precision, num_warps=num_warps,
-        num_stages=DECODE_OVERRIDES.get("scores_num_stages", 3),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *m_strides,
+        *scores.stride()[:3], *tile_max.stride()[:3],
+        num_kv_heads, group, query_len, kv_len, tiles_per_split, num_tiles, float(scale), mask_min,
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_N=block_n,
+        IS_CAUSAL=bool(is_causal) and query_len > 1, MASK_KIND=mask_kind, DOT_PRECISION=precision,
+        num_warps=num_warps, num_stages=DECODE_OVERRIDES.get("scores_num_stages", 3),
     )
     dec = decisions_out if decisions_out is not None else dummy
     decode_attend_kernel[grid](
         v, scores, tile_max, state, trials2 if trials2 is not None else state,
-        stats if stats is not None else dummy, dec, keep_rows, kept, part_acc, part_l, part_m,
-        v.stride(0), v.stride(1), v.stride(2), scores.stride(0), scores.stride(1),
-        tile_max.stride(0), tile_max.stride(1), keep_rows.stride(0), keep_rows.stride(1),
+        stats if stats is not None else dummy, dec, keep_heads, kept, part_acc, part_l, part_m,
+        v.stride(0), v.stride(1), v.stride(2), *scores.stride()[:3], *tile_max.stride()[:3],
+        keep_heads.stride(0), keep_heads.stride(1),
         dec.stride(0) if decisions_out is not None else 0, dec.stride(1) if decisions_out is not None else 0,
-        part_l.stride(0), part_l.stride(1), part_l.stride(2),
-        num_kv_heads, group, kv_len, tiles_per_split, num_tiles, phase_of(1), num_trials, stats_cols,
-        VALUE_DIM=value_dim, DV_PAD=dv_pad, BLOCK_G=block_g, BLOCK_N=block_n, PREFIX_CHUNK=256, DECIDE_CHUNK=16,
-        T_PAD=_pow2(num_trials, 2), COUNT_MODE=count_mode, DEBUG=decisions_out is not None,
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=DECODE_OVERRIDES.get("num_stages", 3),
+        *part_l.stride(),
+        num_kv_heads, group, query_len, kv_len, tiles_per_split, num_tiles, phase_of(query_len), num_trials,
+        stats_cols,
+        VALUE_DIM=value_dim, DV_PAD=dv_pad, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_N=block_n,
+        PREFIX_CHUNK=256, DECIDE_CHUNK=16, T_PAD=_pow2(num_trials, 2), COUNT_MODE=count_mode,
+        DEBUG=decisions_out is not None, DOT_PRECISION=precision, num_warps=num_warps,
+        num_stages=DECODE_OVERRIDES.get("num_stages", 3),
     )
-    decode_combine_kernel[(batch * num_heads,)](
-        part_acc, part_l, part_m, out,
-        part_l.stride(0), part_l.stride(1), part_l.stride(2), out.stride(0), out.stride(1),
-        num_heads, splits,
+    decode_combine_kernel[(batch * num_heads * query_len,)](
+        part_acc, part_l, part_m, out, part_l.stride(2), part_l.stride(3), out.stride(2), splits,
         VALUE_DIM=value_dim, DV_PAD=dv_pad, S_PAD=_pow2(splits, 2), num_warps=4,
     )
