@@ -36,6 +36,7 @@ CONSTEXPRS = dict(
 # (kernel, overrides of CONSTEXPRS, num_warps, num_stages): the launch configs the host code uses
 VARIANTS = [
     ("prefill_kernel", {}, 8, 3),
+    ("prefill_kernel", dict(COUNT_MODE=1), 8, 3),  # stats on: λ = 0 still takes the dense loop
     ("prefill_kernel", dict(COUNT_MODE=2, T_PAD=64), 8, 3),
     ("prefill_kernel", dict(MASK_KIND=1, USE_TMA=False, HEAD_DIM=80), 8, 3),
     ("decode_scores_kernel", dict(IS_CAUSAL=False), 4, 3),

@@ -1,8 +1,10 @@
 """End-to-end prefill of a random-weight Llama-3-8B-shaped model (a few layers), SPEC §9.
 
 HF sdpa and HF eager (an out-of-memory eager run is a result, recorded as such) against the same model
-after ``fxsparse.sparsify`` with the Triton backend, dense (λ = 0) and sparse. Time per prefill and peak
-GPU memory; logits only for the last position, so the vocabulary projection does not dominate memory.
+after ``fxsparse.sparsify`` with the Triton backend, dense (λ = 0) and sparse. Per prefill: the time, and
+the peak GPU memory of the call above what was allocated before it (the models this session keeps resident
+do not count; the model's own weights are reported next to it). Logits only for the last position, so the
+vocabulary projection does not dominate memory.
 
     BENCH_OUT=/tmp PYTHONPATH=. pytest bench/test_e2e.py
 """
@@ -18,7 +20,9 @@ import torch
 from bench.conftest import cuda_ms
 
 LENGTHS = [8192, 16384, 32768]
-IMPLS = ["hf_sdpa", "hf_eager", "fx_dense", "fx_sparse"]
+# hf_*: HuggingFace attention; fx_*: after fxsparse (sparsify, or the torch.compile backend with Inductor,
+# measured next to Inductor on the unchanged sdpa model)
+IMPLS = ["hf_sdpa", "hf_eager", "fx_dense", "fx_sparse", "hf_sdpa_inductor", "fx_compile_dense"]
 LAYERS = 4
 SPARSE_THRESHOLD = 1e-2
 
@@ -43,34 +47,50 @@ def _base_model(attn_implementation: str):
     return model.eval()
 
 
-def _model(impl: str):
-    import fxsparse
+def _fx_config(threshold: float) -> dict:
+    return {"sparse_cfg": {"*attn*": {"threshold": {"prefill": threshold, "decode": threshold},
+                                      "backend": "triton", "collect_stats": True}}}
 
-    if impl == "hf_eager":
-        return _base_model("eager")
-    if impl == "hf_sdpa":
-        return _base_model("sdpa")
-    threshold = 0.0 if impl == "fx_dense" else SPARSE_THRESHOLD
+
+def _model(impl: str):
+    """(the model, what to call): they differ for torch.compile'd rows."""
+    import fxsparse
+    from fxsparse.backend import fxsparse_backend
+
+    if impl in ("hf_eager", "hf_sdpa"):
+        model = _base_model(impl.removeprefix("hf_"))
+        return model, model
+    if impl == "hf_sdpa_inductor":
+        model = _base_model("sdpa")
+        return model, torch.compile(model, dynamic=False)  # static shapes: Inductor's best case per length
     model = copy.deepcopy(_base_model("sdpa"))
-    config = {"sparse_cfg": {"*attn*": {"threshold": {"prefill": threshold, "decode": threshold},
-                                        "backend": "triton", "collect_stats": True}}}
-    return fxsparse.sparsify(model, config)
+    if impl == "fx_compile_dense":
+        # the function itself: the device's Python may not have fxsparse installed (no entry point)
+        backend = functools.partial(fxsparse_backend, options={"config": _fx_config(0.0), "inductor": True})
+        return model, torch.compile(model, backend=backend, dynamic=False)
+    return model, fxsparse.sparsify(model, _fx_config(0.0 if impl == "fx_dense" else SPARSE_THRESHOLD))
+
+
+def _weights_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("seq_len", LENGTHS)
 @torch.no_grad()
 def test_e2e_prefill(report, seq_len, impl):
-    model = _model(impl)
+    model, runner = _model(impl)
     ids = torch.randint(3, 128000, (1, seq_len), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    call = functools.partial(model, input_ids=ids, use_cache=False, logits_to_keep=1)
+    call = functools.partial(runner, input_ids=ids, use_cache=False, logits_to_keep=1)
     row = dict(bench="e2e", L=seq_len, impl=impl, layers=LAYERS)
     try:
         call()
         torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()  # weights of every model this session holds
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_ms(call)
-        row.update(ms=ms, peak_GiB=torch.cuda.max_memory_allocated() / 2**30)
+        row.update(ms=ms, weights_GiB=_weights_bytes(model) / 2**30,
+                   call_peak_GiB=(torch.cuda.max_memory_allocated() - resident) / 2**30)
     except torch.OutOfMemoryError:
         row.update(ms="OOM")
         torch.cuda.empty_cache()
@@ -85,5 +105,5 @@ def test_e2e_prefill(report, seq_len, impl):
         row["speedup_vs_sdpa"] = base[0]["ms"] / row["ms"]
     report.append(row)
     if impl.startswith("fx"):
-        del model
+        del model, runner
         torch.cuda.empty_cache()

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import inspect
 import io
 import sys
+import types
 from typing import Any, Callable, Mapping
 
 import torch
@@ -64,7 +66,7 @@ def sparsify(model: nn.Module, config: Mapping[str, Any] | None = None,
         tokenizer = check_inputs(model, config.calibration, forward_loop, tokenizer)
     compiler = SiteCompiler(config, inductor=False, root=model)
     original = model.forward
-    compiled = torch.compile(original, backend=compiler, dynamic=True)
+    compiled = torch.compile(_own_frame(original), backend=compiler, dynamic=True)
 
     @functools.wraps(original)  # HF generate() inspects forward's signature
     def forward(*args, **kwargs):
@@ -93,6 +95,24 @@ def sparsify(model: nn.Module, config: Mapping[str, Any] | None = None,
 
         calibrate(model, config.to_dict(), forward_loop=forward_loop, tokenizer=tokenizer)
     return model
+
+
+def _own_frame(forward: Callable) -> Callable:
+    """``forward`` with a code object of its own (a bound method is copied; anything else is kept).
+
+    Dynamo caches compiled frames per code object, and the recompile limit counts per code object.
+    HF forwards share theirs with every model of the class (their decorators' wrappers, with every
+    HF model), so without the copy each sparsified model and every other ``torch.compile`` of an HF
+    model in the process spend the same budget, and once it is spent Dynamo runs that code eagerly
+    for good: a later ``sparsify`` would find no attention.
+    """
+    if not inspect.ismethod(forward):
+        return forward
+    function = forward.__func__
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return types.MethodType(copy, forward.__self__)
 
 
 def _validate_model(model) -> None:

@@ -17,6 +17,7 @@ Each rewritten site gets a ``SparseSite`` submodule next to its attention module
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -48,7 +49,9 @@ class SiteCompiler:
     def __init__(self, config: Any = None, inductor: bool = False, root: nn.Module | None = None):
         self.config = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_DEFAULT if config is None else config)
         self.inductor = inductor
-        self.root = root
+        # weakly: torch.compile keeps every backend alive for the whole process, and a strong
+        # reference would keep the model (its weights on the GPU) alive with it
+        self._root = weakref.ref(root) if root is not None else None
         self.compiles = 0
         self.report = RewriteReport()
 
@@ -63,7 +66,7 @@ class SiteCompiler:
         def configure(names: list[str]) -> dict[str, SiteConfig]:
             full_names = {name: ".".join(p for p in (prefix, name) if p) for name in names}
             resolved = self.config.resolve(full_names.values(), check_patterns=False)
-            if self.root is None:
+            if self._root is None:
                 # no warm-up to wait for (sparsify checks after its own, when every site is known):
                 # check against the sites of this graph and of earlier ones
                 known = {site.name for site in _sites_under(frame_root)} | set(full_names.values())
@@ -87,7 +90,7 @@ class SiteCompiler:
     # -- where sites live --
 
     def _frame_root(self, gm) -> tuple[nn.Module | None, str]:
-        """The module the compiled frame runs on, and its path under ``self.root``."""
+        """The module the compiled frame runs on, and its path under ``root`` (when given)."""
         root_expression = _root_expression(gm)
         frame_root = None
         if root_expression is not None:
@@ -96,9 +99,10 @@ class SiteCompiler:
             translator = InstructionTranslator.current_tx()
             if translator is not None:
                 frame_root = eval(root_expression, {"L": translator.f_locals})  # a Dynamo source path
-        if self.root is None or frame_root is None:
+        root = self._root() if self._root is not None else None
+        if root is None or frame_root is None:
             return frame_root, ""
-        for path, module in self.root.named_modules():
+        for path, module in root.named_modules():
             if module is frame_root:
                 return frame_root, path
         return frame_root, ""

@@ -4,6 +4,8 @@ sparsity at λ > 0, steering without recompiling, summary and errors."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -201,6 +203,30 @@ def test_compiling_a_sparsified_model_again_keeps_the_sparse_op():
     fxsparse.reset_stats(model)
     torch.compile(model, backend="eager")(random_ids(2, 8))
     assert all(s["prefill"]["valid"] > 0 for s in fxsparse.get_stats(model).values())
+
+
+@torch.no_grad()
+def test_a_dropped_sparsified_model_is_freed():
+    """torch.compile keeps its backends for the whole process: they must not keep the model (its
+    weights) alive."""
+    model = fxsparse.sparsify(tiny_model("llama", "sdpa"), DENSE)
+    model(random_ids(1, 8))
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+@torch.no_grad()
+def test_sparsify_after_other_compiles_spent_the_shared_recompile_budget():
+    """HF forwards share code objects across models; Dynamo's recompile limit counts per code object and,
+    once hit, runs that code eagerly for good. sparsify must not depend on that shared budget."""
+    limit = torch._dynamo.config.recompile_limit
+    model = tiny_model("llama", "sdpa")
+    for _ in range(limit + 1):  # a new backend per compile: one more cache entry each
+        torch.compile(model, backend=lambda gm, example_inputs: gm.forward)(random_ids(1, 8))
+    model = fxsparse.sparsify(tiny_model("llama", "sdpa"), DENSE)
+    assert len(fxsparse.sites_of(model)) == model.config.num_hidden_layers
 
 
 class NoAttention(nn.Module):

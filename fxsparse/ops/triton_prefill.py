@@ -14,9 +14,10 @@ SPEC §4). Scores live in exp2 space (``qk · scale · log2 e``), so the vote co
 
 The same kernel counts (COUNT_MODE 1: the state's λ; 2: a vector of trial λ with a dense output, the
 calibration's measuring mode). λ is read from the (2, 5) threshold state in the kernel, never a constexpr:
-each program picks at run time between the voting loop and a branch-free dense loop (λ = 0 and nothing to
-count), because the data-dependent skip branch costs the dense path ~16 % on H200 (the pipeliner cannot
-overlap across it). On Hopper, K and V tiles come through tensor descriptors (TMA) when D is a power of two.
+each program picks at run time between the voting loop and a branch-free dense loop (λ = 0, and at most
+a count of valid tiles without an explicit mask), because the data-dependent skip branch costs the dense
+path ~16 % on H200 (the pipeliner cannot overlap across it). On Hopper, K and V tiles come through tensor
+descriptors (TMA) when D is a power of two.
 """
 
 from __future__ import annotations
@@ -241,8 +242,11 @@ def prefill_kernel(
     else:
         full_hi = kv_len // BLOCK_N * BLOCK_N
         hi = tl.cdiv(kv_len, BLOCK_N) * BLOCK_N
-    # -- one compiled kernel, two loops: the vote is only paid for when λ > 0 or tiles are counted --
-    if (COUNT_MODE != 0) | (log_lam2 > float("-inf")):
+    # -- one compiled kernel, two loops: the vote is only paid for when λ > 0 or a count needs it. Counting at
+    #    λ = 0 without an explicit mask needs no vote: nothing is skipped, and every tile the loop visits
+    #    holds a key the tile's last row sees, so the valid tiles are the visited ones --
+    COUNT_NEEDS_VOTE: tl.constexpr = (COUNT_MODE == 2) or (COUNT_MODE == 1 and MASK_KIND != 0)
+    if COUNT_NEEDS_VOTE | (log_lam2 > float("-inf")):
         acc, l_i, m_i, n_valid, counts = _attend_range(
             acc, l_i, m_i, n_valid, counts, q, k_base, v_base, k_desc, v_desc, mask_base, kinds_base, dec_base,
             offs_m, offs_d, offs_dv, row_ok, full_hi, hi, kv_len, causal_off, qk_scale, log_lam2, trials2,
@@ -256,6 +260,7 @@ def prefill_kernel(
             stride_kn, stride_vn, stride_mm, stride_mn, mask_min,
             HEAD_DIM, VALUE_DIM, BLOCK_N, IS_CAUSAL, MASK_KIND, COUNT_MODE, False, SKIP_V_LOAD, DEBUG, DOT_PRECISION, USE_TMA,
         )
+        n_valid = tl.zeros([], tl.int32) + hi // BLOCK_N
 
     # -- epilogue: rows with nothing unmasked output 0 --
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
