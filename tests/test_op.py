@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from brute_force import allowed_and_bias, brute_force_attention
-from fxsparse.ops import DECODE, PREFILL, make_threshold_state, reference_attention, skip_softmax_attention
+from fxsparse.ops import DECODE, PREFILL, make_threshold_state, masks, reference_attention, skip_softmax_attention
 
 LAMBDAS = [0.0, 1e-6, 1e-3, 0.1, 0.5, 1.0, 5.0]
 TILE_SIZES = [16, 32, 64, 128]
@@ -175,6 +175,23 @@ def test_exactly_causal_masks_match_brute_force(mask_kind, query_len, kv_len, la
     }
     skipped = check_against_brute_force(case)
     assert skipped == (lam == 0.5) or 0 < lam < 0.5  # the decision path really ran
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+@pytest.mark.parametrize("edit_row", [None, 3, 44])
+def test_causal_mask_check_in_row_chunks(monkeypatch, dtype, edit_row):
+    """The check compares 8-row chunks here: a change in any chunk, the last included, is seen."""
+    monkeypatch.setattr(masks, "ROWS_PER_CHUNK", 8)
+    query_len, kv_len = 45, 70
+    causal = torch.arange(kv_len)[None, :] <= torch.arange(query_len)[:, None] + (kv_len - query_len)
+    mask = causal[None, None].expand(2, 1, query_len, kv_len).clone()
+    if dtype != torch.bool:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(dtype).min)
+    if edit_row is not None and dtype == torch.bool:
+        mask[1, 0, edit_row, 0] = False  # one key masked off the causal pattern
+    elif edit_row is not None:
+        mask[1, 0, edit_row, 0] = 0.25  # a bias on an attended key
+    assert masks.is_causal_mask(mask, query_len, kv_len) == (edit_row is None)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import weakref
 import torch
 
 _CACHE: dict = {}
+ROWS_PER_CHUNK = 2048  # mask rows a check or summary touches at once: bounds its temporaries to 2048 × Lk
 
 
 def per_mask(attn_mask: torch.Tensor, key: tuple, compute):
@@ -35,18 +36,25 @@ def as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
 
 def is_causal_mask(attn_mask: torch.Tensor, query_len: int, kv_len: int) -> bool:
     """Whether the mask says exactly "bottom-right causal": then it can be dropped for
-    ``is_causal=True``, whose loop bounds skip the empty tiles and mask only diagonal ones."""
+    ``is_causal=True``, whose loop bounds skip the empty tiles and mask only diagonal ones.
+
+    Compares row chunks, so checking an L×L mask allocates no second L×L tensor."""
 
     def compute() -> bool:
         mask4 = as_4d(attn_mask)
         if mask4.shape[2] != query_len:
             return False
-        rows = torch.arange(query_len, device=mask4.device)[:, None] + (kv_len - query_len)
-        causal = torch.arange(kv_len, device=mask4.device)[None, :] <= rows
-        if mask4.dtype == torch.bool:
-            return bool(torch.equal(mask4, causal.expand_as(mask4)))
-        attend = mask4 > torch.finfo(mask4.dtype).min
-        return bool(torch.equal(attend, causal.expand_as(attend)) and not mask4.masked_fill(~attend, 0).any())
+        cols = torch.arange(kv_len, device=mask4.device)
+        for r0 in range(0, query_len, ROWS_PER_CHUNK):
+            part = mask4[:, :, r0 : r0 + ROWS_PER_CHUNK]
+            rows = torch.arange(r0, r0 + part.shape[2], device=mask4.device)[:, None] + (kv_len - query_len)
+            causal = (cols[None, :] <= rows).expand_as(part)
+            attend = part if part.dtype == torch.bool else part > torch.finfo(part.dtype).min
+            if not torch.equal(attend, causal):
+                return False
+            if part.dtype != torch.bool and part.masked_fill(~attend, 0).any():
+                return False  # a bias on attended keys
+        return True
 
     return per_mask(attn_mask, ("causal", query_len, kv_len), compute)
 

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from ..config import TRITON_TILES
-from .masks import as_4d, drop_causal_mask, per_mask
+from .masks import ROWS_PER_CHUNK, as_4d, drop_causal_mask, per_mask
 from .threshold import phase_of
 from .triton_decode import (
     decode_attend_kernel,
@@ -61,7 +61,7 @@ def _mask_operand(attn_mask: torch.Tensor):
     return mask, 2, float(torch.finfo(mask.dtype).min), mask
 
 
-def _block_kinds(mask4: torch.Tensor, br: int, bc: int, query_len: int, kv_len: int, rows_chunk: int = 2048):
+def _block_kinds(mask4: torch.Tensor, br: int, bc: int, query_len: int, kv_len: int):
     """int8 (B|1, H|1, nI|1, nJ): 0 = nothing attends, 1 = partial (read the mask), 2 = all attend, bias 0.
 
     Rows past Lq and columns past Lk are neutral. Works in row chunks so an L×L mask never has a
@@ -71,7 +71,7 @@ def _block_kinds(mask4: torch.Tensor, br: int, bc: int, query_len: int, kv_len: 
     num_i = 1 if mq == 1 else -(-query_len // br)
     num_j = -(-kv_len // bc)
     kinds = torch.empty(mb, mh, num_i, num_j, dtype=torch.int8, device=mask4.device)
-    rows_per_chunk = max(br, rows_chunk // br * br)
+    rows_per_chunk = max(br, ROWS_PER_CHUNK // br * br)
     for r0 in range(0, mq, rows_per_chunk):
         part = mask4[:, :, r0 : r0 + rows_per_chunk]
         if part.dtype == torch.bool:
