@@ -10,11 +10,13 @@ with Inductor off, so Dynamo captures the model, the backend rewrites every atte
 op, and the rewritten graph runs as is. A short warm-up forward creates the sites
 (``<attention module>.fxsparse_site``, buffers non-persistent: ``state_dict`` and
 ``save_pretrained`` are unchanged) and validates the config against them. The graphs read the
-site buffers at call time, so every helper here takes effect without recompiling.
+site buffers at call time, so every helper here takes effect without recompiling. ``copy.deepcopy``
+gives an independent sparsified copy (its own weights, sites and compiled forward).
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import functools
 import inspect
@@ -64,17 +66,7 @@ def sparsify(model: nn.Module, config: Mapping[str, Any] | None = None,
         from .calibration.calibrate import check_inputs
 
         tokenizer = check_inputs(model, config.calibration, forward_loop, tokenizer)
-    compiler = SiteCompiler(config, inductor=False, root=model)
-    original = model.forward
-    compiled = torch.compile(_own_frame(original), backend=compiler, dynamic=True)
-
-    @functools.wraps(original)  # HF generate() inspects forward's signature
-    def forward(*args, **kwargs):
-        with _dynamo_limits():
-            return compiled(*args, **kwargs)
-
-    model.forward = forward
-    setattr(model, COMPILER_ATTRIBUTE, compiler)
+    compiler = _install(model, config)
     try:
         _warm_up(model)
         if not sites_of(model):
@@ -95,6 +87,37 @@ def sparsify(model: nn.Module, config: Mapping[str, Any] | None = None,
 
         calibrate(model, config.to_dict(), forward_loop=forward_loop, tokenizer=tokenizer)
     return model
+
+
+def _install(model: nn.Module, config: SparseAttentionConfig) -> SiteCompiler:
+    """Route ``model.forward`` through Dynamo and a ``SiteCompiler`` (compiled on the first call; attention
+    modules that already carry a site keep it, with its settings)."""
+    compiler = SiteCompiler(config, inductor=False, root=model)
+    original = model.forward
+    compiled = torch.compile(_own_frame(original), backend=compiler, dynamic=True)
+
+    @functools.wraps(original)  # HF generate() inspects forward's signature
+    def forward(*args, **kwargs):
+        with _dynamo_limits():
+            return compiled(*args, **kwargs)
+
+    model.forward = forward
+    setattr(model, COMPILER_ATTRIBUTE, compiler)
+    # the forward above runs this model's weights and sites: a copy needs its own
+    model.__deepcopy__ = functools.partial(_deepcopy_sparsified, model)
+    return compiler
+
+
+def _deepcopy_sparsified(model: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a sparsified model: the weights and sites (thresholds, laws, stats) are copied, and the
+    copy gets a forward of its own. Without this the copy's forward would be the original's, silently."""
+    installed = {name: model.__dict__.pop(name) for name in ("forward", COMPILER_ATTRIBUTE, "__deepcopy__")}
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        model.__dict__.update(installed)
+    _install(clone, installed[COMPILER_ATTRIBUTE].config)
+    return clone
 
 
 def _own_frame(forward: Callable) -> Callable:
@@ -148,8 +171,8 @@ def _warm_up(model: nn.Module) -> None:
 
 def _undo(model: nn.Module) -> None:
     """Restore the model after a failed sparsify: original forward, no sites."""
-    del model.forward
-    delattr(model, COMPILER_ATTRIBUTE)
+    for name in ("forward", COMPILER_ATTRIBUTE, "__deepcopy__"):
+        delattr(model, name)
     for module in model.modules():
         if isinstance(getattr(module, SITE_ATTRIBUTE, None), SparseSite):
             delattr(module, SITE_ATTRIBUTE)

@@ -206,6 +206,26 @@ def test_compiling_a_sparsified_model_again_keeps_the_sparse_op():
 
 
 @torch.no_grad()
+def test_deepcopy_runs_its_own_weights_and_sites():
+    """The copy's forward must not be the original's: new weights show in its logits, its sites are its own."""
+    model = fxsparse.sparsify(tiny_model("llama", "sdpa"), DENSE)
+    fxsparse.set_threshold(model, 0.3, "*layers.0.*")
+    clone = copy.deepcopy(model)
+    ids = random_ids(2, 40)
+    original_logits = model(input_ids=ids).logits
+    dense = tiny_model("llama", "sdpa")
+    dense.lm_head.weight.mul_(2)  # same weights as the copy gets next (tiny_model is seeded)
+    clone.lm_head.weight.mul_(2)
+    fxsparse.set_threshold(clone, 0.0, "*layers.0.*")  # the original keeps 0.3
+    fxsparse.reset_stats(clone)
+
+    assert (clone(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max() < 1e-4
+    assert torch.equal(model(input_ids=ids).logits, original_logits)
+    assert all(s["prefill"]["valid"] > 0 for s in fxsparse.get_stats(clone).values())
+    assert [s.threshold_state[0, 1].item() for s in fxsparse.sites_of(model).values()] == pytest.approx([0.3, 0.0])
+
+
+@torch.no_grad()
 def test_a_dropped_sparsified_model_is_freed():
     """torch.compile keeps its backends for the whole process: they must not keep the model (its
     weights) alive."""
