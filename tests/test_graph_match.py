@@ -155,8 +155,8 @@ def test_causal_sdpa_bottom_right_in_decode():
         (Eager(scaling="after_mask"), "mask added before scaling"),
         (Eager(sinks=True), "attention sinks"),
         (Eager(softmax_dim=-2), "dim -2"),
-        (Eager(dropout=0.1).train(), "dropout"),
-        (Fused(dropout=0.1).train(), "dropout_p"),
+        (Eager(dropout=0.1).train(), "no dropout (for inference, call model.eval() first)"),
+        (Fused(dropout=0.1).train(), "dropout_p=0.1: the op has no dropout (for inference, call model.eval() first)"),
     ],
     ids=["output_attentions", "softcap", "scale_after_mask", "sinks", "softmax_dim", "dropout_eager", "dropout_sdpa"],
 )

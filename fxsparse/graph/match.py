@@ -48,6 +48,7 @@ from .patterns import (
 )
 
 aten = torch.ops.aten
+EVAL_HINT = " (for inference, call model.eval() first)"  # HF models built by from_config start in training mode
 
 
 @dataclass
@@ -269,7 +270,7 @@ def _check_dropout(node: Node) -> None:
         args = arguments(node, ("input", "p", "train"))
         args["training"] = args["train"]
     if args["p"] != 0 and args["training"] is not False:
-        raise ValueError(f"dropout p={args['p']} in training mode is random; the op has no dropout")
+        raise ValueError(f"dropout p={args['p']} in training mode is random; the op has no dropout{EVAL_HINT}")
 
 
 def match_eager_attention(softmax: Node) -> AttentionMatch | None:
@@ -411,7 +412,7 @@ def match_sdpa(node: Node) -> AttentionMatch | None:
         output = firsts[0]
         pattern.extend(outputs)
     if args["dropout_p"] not in (0, 0.0):
-        raise LeftDense(site, node, f"dropout_p={args['dropout_p']}: the op has no dropout")
+        raise LeftDense(site, node, f"dropout_p={args['dropout_p']}: the op has no dropout{EVAL_HINT}")
     query = args["query"]
     key, value = peel_repeat_kv(args["key"], pattern), peel_repeat_kv(args["value"], pattern)
     _check_dtypes(site, node, query, key, value, output)
