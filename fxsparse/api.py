@@ -132,10 +132,10 @@ def _own_frame(forward: Callable) -> Callable:
     if not inspect.ismethod(forward):
         return forward
     function = forward.__func__
-    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
-                              function.__defaults__, function.__closure__)
-    copy.__kwdefaults__ = function.__kwdefaults__
-    return types.MethodType(copy, forward.__self__)
+    own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                             function.__defaults__, function.__closure__)
+    own.__kwdefaults__ = function.__kwdefaults__
+    return types.MethodType(own, forward.__self__)
 
 
 def _validate_model(model) -> None:
