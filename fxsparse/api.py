@@ -34,6 +34,7 @@ from .sites import PHASE_ROWS, SparseSite, sites_of
 
 WARM_UP_LENGTH = 16
 COMPILER_ATTRIBUTE = "fxsparse_compiler"
+INSTALLED_ATTRIBUTES = ("forward", COMPILER_ATTRIBUTE, "__deepcopy__")  # what _install sets on the model
 
 
 def _dynamo_limits():
@@ -111,7 +112,7 @@ def _install(model: nn.Module, config: SparseAttentionConfig) -> SiteCompiler:
 def _deepcopy_sparsified(model: nn.Module, memo: dict) -> nn.Module:
     """``copy.deepcopy`` of a sparsified model: the weights and sites (thresholds, laws, stats) are copied, and the
     copy gets a forward of its own. Without this the copy's forward would be the original's, silently."""
-    installed = {name: model.__dict__.pop(name) for name in ("forward", COMPILER_ATTRIBUTE, "__deepcopy__")}
+    installed = {name: model.__dict__.pop(name) for name in INSTALLED_ATTRIBUTES}
     try:
         clone = copy.deepcopy(model, memo)
     finally:
@@ -171,7 +172,7 @@ def _warm_up(model: nn.Module) -> None:
 
 def _undo(model: nn.Module) -> None:
     """Restore the model after a failed sparsify: original forward, no sites."""
-    for name in ("forward", COMPILER_ATTRIBUTE, "__deepcopy__"):
+    for name in INSTALLED_ATTRIBUTES:
         delattr(model, name)
     for module in model.modules():
         if isinstance(getattr(module, SITE_ATTRIBUTE, None), SparseSite):
