@@ -34,6 +34,12 @@ def as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
     return attn_mask
 
 
+def attended(mask: torch.Tensor) -> torch.Tensor:
+    """Where a mask lets a query attend: True entries of a bool mask; entries of an additive mask above the
+    dtype's most negative finite value (HuggingFace's "masked", which −inf also is)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+
+
 def is_causal_mask(attn_mask: torch.Tensor, query_len: int, kv_len: int) -> bool:
     """Whether the mask says exactly "bottom-right causal": then it can be dropped for
     ``is_causal=True``, whose loop bounds skip the empty tiles and mask only diagonal ones.
@@ -49,7 +55,7 @@ def is_causal_mask(attn_mask: torch.Tensor, query_len: int, kv_len: int) -> bool
             part = mask4[:, :, r0 : r0 + ROWS_PER_CHUNK]
             rows = torch.arange(r0, r0 + part.shape[2], device=mask4.device)[:, None] + (kv_len - query_len)
             causal = (cols[None, :] <= rows).expand_as(part)
-            attend = part if part.dtype == torch.bool else part > torch.finfo(part.dtype).min
+            attend = attended(part)
             if not torch.equal(attend, causal):
                 return False
             if part.dtype != torch.bool and part.masked_fill(~attend, 0).any():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import as_4d, drop_causal_mask
+from .masks import as_4d, attended, drop_causal_mask
 from .threshold import log_threshold, phase_of
 
 NEG_INF = float("-inf")
@@ -49,9 +49,7 @@ def normalize_mask(attn_mask: torch.Tensor | None, num_kv_heads: int, group: int
         mask = mask.unsqueeze(2)
     else:
         mask = mask.reshape(batch, num_kv_heads, group, mask.shape[-2], mask.shape[-1])
-    if mask.dtype == torch.bool:
-        return mask, None
-    return mask > torch.finfo(mask.dtype).min, mask
+    return attended(mask), (None if mask.dtype == torch.bool else mask)
 
 
 def _masked_scores(q_grouped, k_tile, allowed, bias, is_causal, rows, cols, query_len, kv_len, scale):

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from ..config import TRITON_TILES
-from .masks import ROWS_PER_CHUNK, as_4d, drop_causal_mask, per_mask
+from .masks import ROWS_PER_CHUNK, as_4d, attended, drop_causal_mask, per_mask
 from .threshold import phase_of
 from .triton_decode import (
     decode_attend_kernel,
@@ -74,11 +74,8 @@ def _block_kinds(mask4: torch.Tensor, br: int, bc: int, query_len: int, kv_len: 
     rows_per_chunk = max(br, ROWS_PER_CHUNK // br * br)
     for r0 in range(0, mq, rows_per_chunk):
         part = mask4[:, :, r0 : r0 + rows_per_chunk]
-        if part.dtype == torch.bool:
-            attend, plain = part, part
-        else:
-            attend = part > torch.finfo(part.dtype).min
-            plain = attend & (part == 0)
+        attend = attended(part)
+        plain = attend if part.dtype == torch.bool else attend & (part == 0)
         rows = part.shape[2]
         tile_rows = br if mq != 1 else 1
         pad_r = -rows % tile_rows
