@@ -1,6 +1,6 @@
 """One device call: correctness of the Triton kernels against the reference, then timings of variants.
 
-    PYTHONPATH=. python bench/gpu_check.py --out $OUT [--skip-check] [--lengths 16384 32768]
+    PYTHONPATH=. python bench/gpu_check.py --out $OUT [--skip-check] [--lengths 16384 32768] [--shape 1,32,8,128]
 
 Prints a short table last; writes every number to ``OUT/gpu_check.json``. This is the tuning tool behind
 the prefill launch configs; the reported benchmarks are the pytest-benchmark files beside it.
@@ -81,8 +81,8 @@ def time_ms(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def prefill_timings(lengths, variants):
-    b, hq, hkv, d = 1, 32, 8, 128
+def prefill_timings(lengths, variants, shape=(1, 32, 8, 128)):
+    b, hq, hkv, d = shape
     rows = []
     for L in lengths:
         q, k, v = structured_qkv(b, hq, hkv, L, d, concentration=1.3, device="cuda")
@@ -168,6 +168,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768])
+    ap.add_argument("--shape", default="1,32,8,128", help="prefill B,Hq,Hkv,D")
     ap.add_argument("--decode", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--variants", default="base")
@@ -179,6 +180,8 @@ def main():
         "w8s4": dict(num_warps=8, num_stages=4),
         "w8s2": dict(num_warps=8, num_stages=2),
         "w4s3": dict(num_warps=4, num_stages=3),
+        "w4s2": dict(num_warps=4, num_stages=2),
+        "w4s4": dict(num_warps=4, num_stages=4),
         "vpre": dict(skip_v_load=False),
         "no_tma": dict(tma=False),
         "tma_s4": dict(num_stages=4),
@@ -194,7 +197,7 @@ def main():
         for row in result["checks"]:
             print(json.dumps(row), flush=True)
     print(f"checks done {time.time() - t0:.0f}s", flush=True)
-    result["prefill"] = prefill_timings(args.lengths, variants)
+    result["prefill"] = prefill_timings(args.lengths, variants, tuple(int(x) for x in args.shape.split(",")))
     print(f"prefill done {time.time() - t0:.0f}s", flush=True)
     result["decode"] = decode_timings(args.decode, args.batches, decode_variants)
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:

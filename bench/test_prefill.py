@@ -6,11 +6,14 @@ FlexAttention with a causal BlockMask, all in the same session. TFLOP/s are dens
 FLOPs = 2·B·Hq·L²·D), so a sparse run's figure is its speedup in disguise.
 
     BENCH_OUT=/tmp PYTHONPATH=. pytest bench/test_prefill.py --benchmark-disable-gc
+
+Other shapes: ``PREFILL_SHAPE=B,Hq,Hkv,D`` and ``PREFILL_LENGTHS=4096,8192`` (e.g. SmolLM2's 8,9,3,64).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -20,8 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench.conftest import cuda_ms, synced
 from bench.inputs import lambdas_for_sparsity, structured_qkv
 
-B, HQ, HKV, D = 1, 32, 8, 128
-LENGTHS = [8192, 16384, 32768, 65536]
+B, HQ, HKV, D = (int(x) for x in os.environ.get("PREFILL_SHAPE", "1,32,8,128").split(","))
+LENGTHS = [int(x) for x in os.environ.get("PREFILL_LENGTHS", "8192,16384,32768,65536").split(",")]
 TARGETS = {"fx_s50": 0.5, "fx_s70": 0.7, "fx_s90": 0.9}
 IMPLS = ["sdpa_cudnn", "sdpa_flash", "flex", "fx_dense", *TARGETS]
 TRIALS = torch.tensor([1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2, 0.1, 0.2, 0.3,

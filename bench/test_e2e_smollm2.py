@@ -1,0 +1,96 @@
+"""End to end on a real model: SmolLM2-135M-Instruct (bf16) prefill of 8 essay windows at 2k–8k tokens.
+
+HF sdpa against the same weights after ``fxsparse.sparsify`` (Triton backend) dense (sites disabled, λ = 0) and
+at calibrated targets. The laws are those of an earlier calibration (``LAWS_FROM``, the JSON of
+``bench/accuracy.py``), pooled as the default does, so no calibration runs here. Per row: the time of one
+prefill forward (last position's logits) and the tile sparsity it reached.
+
+The model is small (hidden 576, 30 layers, 9 query / 3 KV heads, head dim 64): one sequence leaves a forward
+bound by Python and kernel launches, so the batch holds 8 windows of the essays, where attention is most of the
+device time. Decode steps of this model are launch-bound whatever the attention does: decode speed is measured
+on the kernels (``bench/test_decode.py``).
+
+    BENCH_OUT=/tmp PYTHONPATH=. pytest bench/test_e2e_smollm2.py     # needs the assets (python -m fxsparse.assets fetch)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.conftest import cuda_ms
+
+LENGTHS = [2048, 4096, 8192]  # SmolLM2's context is 8k
+BATCH = 8
+IMPLS = ["hf_sdpa", "fx_dense", "fx_0.5/0.5", "fx_0.7/0.7"]  # fx targets: prefill/decode
+LAWS_FROM = os.environ.get("LAWS_FROM", "bench/results/accuracy_gpu_calib_pooled.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _models():
+    """(HF sdpa model, the rewritten copy, its sites, tokenizer); the rewritten model holds the saved laws."""
+    import fxsparse
+    from bench.accuracy import _pooled, _saved_laws
+    from fxsparse.assets import load_default_model
+    from fxsparse.calibration.calibrate import write_laws
+    from fxsparse.config import SKIP_SOFTMAX_CALIB, SparseAttentionConfig
+
+    hf, tokenizer = load_default_model("cuda", torch.bfloat16)
+    rewritten, _ = load_default_model("cuda", torch.bfloat16)
+    fxsparse.sparsify(rewritten, {"sparse_cfg": {"*attn*": {"backend": "triton", "br": 128, "bc": 128},
+                                                 "default": {"enable": False}}})
+    sites = fxsparse.sites_of(rewritten)
+    laws, own_fits = _saved_laws(json.loads(Path(LAWS_FROM).read_text())["calibration"])
+    weight = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_CALIB).calibration.per_site_weight
+    write_laws(sites, laws, _pooled(laws, own_fits, weight), 0.5)
+    return hf, rewritten, sites, tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _essay_ids(length: int):
+    """(BATCH, length): consecutive windows of the essays' tokens."""
+    from fxsparse.assets import essays_dir
+    from fxsparse.calibration.tasks import Corpus
+
+    tokenizer = _models()[3]
+    ids = tokenizer(" ".join(Corpus(essays_dir()).sentences))["input_ids"]
+    assert len(ids) >= BATCH * length, f"the essays hold only {len(ids)} tokens"
+    return torch.tensor(ids[: BATCH * length], device="cuda").view(BATCH, length)
+
+
+def _select(impl: str):
+    """The model to call for ``impl``, with the rewritten model's sites set for it."""
+    hf, rewritten, sites, _ = _models()
+    if impl == "hf_sdpa":
+        return hf
+    targets = None if impl == "fx_dense" else impl.removeprefix("fx_").split("/")
+    for site in sites.values():
+        site.set_enabled(targets is not None)
+        if targets is not None:
+            site.set_target({"prefill": float(targets[0]), "decode": float(targets[1])})
+        site.reset_stats()
+    return rewritten
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seq_len", LENGTHS)
+@torch.no_grad()
+def test_e2e_smollm2(report, seq_len, impl):
+    model = _select(impl)
+    ids = _essay_ids(max(LENGTHS))[:, :seq_len]
+    prefill = functools.partial(model, input_ids=ids, use_cache=False, logits_to_keep=1)
+    row = dict(bench="e2e_smollm2", B=BATCH, L=seq_len, impl=impl, ms=cuda_ms(prefill))
+    if impl.startswith("fx"):
+        import fxsparse
+
+        stats = [s["prefill"] for s in fxsparse.get_stats(model).values()]
+        row["sparsity"] = sum(p["skipped"] for p in stats) / max(sum(p["valid"] for p in stats), 1)
+    base = [r for r in report if r["bench"] == "e2e_smollm2" and r["L"] == seq_len and r["impl"] == "hf_sdpa"]
+    if base:
+        row["speedup_vs_sdpa"] = base[0]["ms"] / row["ms"]
+    report.append(row)
