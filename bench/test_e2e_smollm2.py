@@ -52,44 +52,33 @@ def _models():
 
 
 @functools.lru_cache(maxsize=1)
-def _essay_ids(length: int):
-    """(BATCH, length): consecutive windows of the essays' tokens."""
+def _essay_ids():
+    """(BATCH, the longest length): consecutive windows of the essays' tokens."""
     from fxsparse.assets import essays_dir
     from fxsparse.calibration.tasks import Corpus
 
+    length = max(LENGTHS)
     tokenizer = _models()[3]
     ids = tokenizer(" ".join(Corpus(essays_dir()).sentences))["input_ids"]
     assert len(ids) >= BATCH * length, f"the essays hold only {len(ids)} tokens"
     return torch.tensor(ids[: BATCH * length], device="cuda").view(BATCH, length)
 
 
-def _select(impl: str):
-    """The model to call for ``impl``, with the rewritten model's sites set for it."""
-    hf, rewritten, sites, _ = _models()
-    if impl == "hf_sdpa":
-        return hf
-    targets = None if impl == "fx_dense" else impl.removeprefix("fx_").split("/")
-    for site in sites.values():
-        site.set_enabled(targets is not None)
-        if targets is not None:
-            site.set_target({"prefill": float(targets[0]), "decode": float(targets[1])})
-        site.reset_stats()
-    return rewritten
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("seq_len", LENGTHS)
 @torch.no_grad()
 def test_e2e_smollm2(report, seq_len, impl):
-    model = _select(impl)
-    ids = _essay_ids(max(LENGTHS))[:, :seq_len]
+    from bench.accuracy import _achieved, _set_mode
+
+    hf, rewritten, sites, _ = _models()
+    model = hf if impl == "hf_sdpa" else rewritten
+    if model is rewritten:  # dense: sites disabled; else the (prefill, decode) targets of the calibrated laws
+        _set_mode(sites, None if impl == "fx_dense" else tuple(float(t) for t in impl.removeprefix("fx_").split("/")))
+    ids = _essay_ids()[:, :seq_len]
     prefill = functools.partial(model, input_ids=ids, use_cache=False, logits_to_keep=1)
     row = dict(bench="e2e_smollm2", B=BATCH, L=seq_len, impl=impl, ms=cuda_ms(prefill))
-    if impl.startswith("fx"):
-        import fxsparse
-
-        stats = [s["prefill"] for s in fxsparse.get_stats(model).values()]
-        row["sparsity"] = sum(p["skipped"] for p in stats) / max(sum(p["valid"] for p in stats), 1)
+    if model is rewritten:
+        row["sparsity"] = _achieved(sites)["prefill"] or 0.0
     base = [r for r in report if r["bench"] == "e2e_smollm2" and r["L"] == seq_len and r["impl"] == "hf_sdpa"]
     if base:
         row["speedup_vs_sdpa"] = base[0]["ms"] / row["ms"]

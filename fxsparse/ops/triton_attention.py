@@ -31,7 +31,7 @@ SPLIT_K_MAX_ROWS = 64  # query rows (heads of a KV head × positions) one split-
 
 # -- launch configs: (num_warps, num_stages) by padded head dim and tile shape; tuned on H100/H200 --
 def prefill_config(d_pad: int, block_m: int, block_n: int) -> tuple[int, int]:
-    if d_pad <= 64:  # H200, D = 64, 128×128 tiles: 4 warps 15–18 % faster than 8 (bench/results/tuning_d64_h200.json)
+    if d_pad <= 64:  # H200, D = 64, 128×128 tiles: 4 warps 12–19 % faster than 8 (bench/results/tuning_d64_h200.json)
         return (4, 3)
     if d_pad <= 128:
         return (4, 3) if block_m * block_n <= 64 * 64 else (8, 3)
