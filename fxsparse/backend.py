@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import SKIP_SOFTMAX_DEFAULT, SiteConfig, SparseAttentionConfig
-from .graph.names import FRAME_ROOT
+from .graph.names import FRAME_ROOT, full_site_name
 from .graph.rewrite import RewriteReport, SiteInputs, rewrite_attention
 from .sites import SparseSite
 
@@ -64,7 +64,7 @@ class SiteCompiler:
         graph_sites: dict[str, SparseSite] = {}
 
         def configure(names: list[str]) -> dict[str, SiteConfig]:
-            full_names = {name: ".".join(p for p in (prefix, name) if p) for name in names}
+            full_names = {name: full_site_name(prefix, name) for name in names}
             resolved = self.config.resolve(full_names.values(), check_patterns=False)
             if self._root is None:
                 # no warm-up to wait for (sparsify checks after its own, when every site is known):
@@ -78,6 +78,7 @@ class SiteCompiler:
         inputs = _GraphInputs(gm, graph_sites) if self.inductor else _AttributeInputs(gm, graph_sites)
         report = rewrite_attention(gm.graph, configure, inputs)
         report.rewritten = [graph_sites[name].name for name in report.rewritten]
+        report.left_dense = [(full_site_name(prefix, site), reason) for site, reason in report.left_dense]
         for site, reason in report.left_dense:
             if (site, reason) not in self.report.left_dense:  # once, not again per recompile
                 log.warning("fxsparse: %s stays dense: %s", site, reason)
@@ -108,8 +109,8 @@ class SiteCompiler:
         return frame_root, ""
 
     def _site(self, frame_root: nn.Module | None, relative: str, name: str, config: SiteConfig) -> SparseSite:
-        """The site of attention module ``relative`` (under ``frame_root``), created on first sight;
-        a site that exists keeps its settings."""
+        """The site of attention module ``relative`` (under ``frame_root``; "" is ``frame_root`` itself),
+        created on first sight; a site that exists keeps its settings."""
         owner = None
         if isinstance(frame_root, nn.Module):
             owner = frame_root.get_submodule(relative)

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 
 from .backend import module_device, SITE_ATTRIBUTE, attribute_inputs
 from .config import SKIP_SOFTMAX_DEFAULT, SiteConfig, SparseAttentionConfig
+from .graph.names import full_site_name
 from .graph.rewrite import RewriteReport, SiteInputs, rewrite_attention
 from .sites import SparseSite
 
@@ -62,17 +63,20 @@ def _rewrite(module: torch.fx.GraphModule, config: SparseAttentionConfig) -> Rew
     configs: dict[str, SiteConfig] = {}
 
     def configure(names: list[str]) -> dict[str, SiteConfig]:
-        configs.update(config.resolve(names))
-        for name, settings in configs.items():
-            site = SparseSite(name, settings, persistent=True).to(module_device(module))
-            _attach(module, f"{name}.{SITE_ATTRIBUTE}", site)
+        resolved = config.resolve(full_site_name("", name) for name in names)
+        for name in names:
+            configs[name] = resolved[full_site_name("", name)]
+            site = SparseSite(full_site_name("", name), configs[name], persistent=True).to(module_device(module))
+            _attach(module, f"{site.name}.{SITE_ATTRIBUTE}", site)
         return configs
 
     def site_inputs(name: str, settings: SiteConfig) -> SiteInputs:
-        return attribute_inputs(module.graph, f"{name}.{SITE_ATTRIBUTE}")
+        return attribute_inputs(module.graph, f"{full_site_name('', name)}.{SITE_ATTRIBUTE}")
 
     report = rewrite_attention(module.graph, configure, site_inputs)
     module.recompile()
+    report.rewritten = [full_site_name("", site) for site in report.rewritten]
+    report.left_dense = [(full_site_name("", site), reason) for site, reason in report.left_dense]
     log.info("fxsparse.transform: %s", report)
     for site, reason in report.left_dense:
         log.warning("fxsparse.transform: %s stays dense: %s", site, reason)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxsparse
 from fxsparse.backend import fxsparse_backend
@@ -69,3 +70,51 @@ def test_mode_keyword_and_bad_options():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="config: missing 'sparse_cfg'"):  # an empty config is not the default
         torch.compile(tiny_model("qwen2", "eager"), backend="fxsparse", options={"config": {}})(random_ids(1, 8))
+
+
+class _SelfAttention(torch.nn.Module):
+    """Projections around SDPA in the module's own forward: the frame's own nodes carry no module path."""
+
+    def __init__(self, heads: int = 2, head_dim: int = 16):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = torch.nn.Linear(heads * head_dim, 3 * heads * head_dim)
+        self.out = torch.nn.Linear(heads * head_dim, heads * head_dim)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attention = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(attention.transpose(1, 2).reshape(batch, length, width))
+
+
+@torch.no_grad()
+def test_attention_in_the_compiled_module_itself_gets_its_site_there():
+    module = _SelfAttention().eval()
+    x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(0))
+    expected = module(x)
+    compiled = torch.compile(module, backend="fxsparse", options={"config": DENSE, "inductor": False})
+    torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+    assert list(fxsparse.sites_of(module)) == ["attention"]
+    assert isinstance(module.fxsparse_site, fxsparse.sites.SparseSite)
+    fxsparse.set_threshold(module, 1e3)
+    assert (compiled(x) - expected).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_graph_break_inside_the_attention_forward():
+    """JetMoe's attention breaks the graph (a data-dependent ``.tolist()`` in its expert routing), so
+    Dynamo compiles the rest of its forward as a frame whose module is the attention itself."""
+    config = AutoConfig.for_model("jetmoe", vocab_size=100, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, kv_channels=16,
+                                  num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids = random_ids(1, 40)
+    expected = model(ids).logits
+    fxsparse.sparsify(model, DENSE)
+    assert list(fxsparse.sites_of(model)) == ["model.layers.0.self_attention", "model.layers.1.self_attention"]
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    fxsparse.set_threshold(model, 1e3)
+    assert (model(ids).logits - expected).abs().max() > 1e-3
