@@ -9,7 +9,8 @@ One measurement pass calibrates (``fxsparse.calibrate``); everything else reuses
    (prefill, decode) target pair, over the prefill positions and over the last ``--kl-decode``
    tokens, fed one at a time through the KV cache (decode phase);
 3. NIAH over the essays at the given lengths: dense vs (prefill, decode) target pairs, with the
-   achieved sparsity of each run and the needle depth of each prompt.
+   achieved sparsity of each run and the needle depth of each prompt (``--spare``: a hand-made per-site
+   allocation at equal average prefill sparsity, bench/ACCURACY.md).
 
 The dense baseline is the same rewritten model with its sites disabled. Calibration defaults are
 those of ``SKIP_SOFTMAX_CALIB`` (64 samples up to 8192 tokens): minutes on a GPU, hours on a CPU::
@@ -29,6 +30,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import fnmatch
 import functools
 import json
 import logging
@@ -36,6 +38,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import fxsparse
@@ -173,6 +176,42 @@ def _pooled(laws: dict, site_laws: dict, weight: float) -> dict:
                    for phase, fit in own.items()} for name, own in site_laws.items()}
 
 
+def _spared(site_laws: dict, passes: list[dict], trials: list[float], spare: str, target: float = 0.5) -> dict:
+    """An equal-average allocation: the prefill λ of the sites matching ``spare``'s pattern scaled by its factor
+    (``"model.layers.1[0-9].*=0.1"``), every other site's by the one factor that keeps the mean prefill tile
+    sparsity of the calibration ``passes`` at ``target`` what the unscaled laws give. Decode laws unchanged."""
+    pattern, _, scale = spare.rpartition("=")
+    names = list(site_laws)
+    spared = np.array([fnmatch.fnmatchcase(name, pattern) for name in names])
+    if not spared.any():
+        raise ValueError(f"--spare: {pattern!r} matches no site; sites are {names}")
+    prefill = [p for p in passes if p["phase"] == "prefill"]
+    valid = np.array([p["valid"] for p in prefill], dtype=float)  # (passes, sites)
+    fraction = np.array([p["skipped"] for p in prefill], dtype=float) / np.maximum(valid, 1)[..., None]
+    log_lam = np.log([[site_laws[n]["prefill"].threshold(target, p["kv_len"]) for n in names] for p in prefill])
+    log_trials = np.log(trials)
+
+    def mean_sparsity(log_factors: np.ndarray) -> float:
+        shifted = log_lam + log_factors
+        reached = [[np.interp(shifted[k, i], log_trials, fraction[k, i]) for i in range(len(names))]
+                   for k in range(len(prefill))]
+        return float((np.array(reached) * valid).sum() / valid.sum())
+
+    spared_log = np.log(float(scale))
+    wanted, low, high = mean_sparsity(np.zeros(len(names))), -10.0, 10.0
+    for _ in range(50):  # bisection on the other sites' log factor: mean sparsity grows with it
+        middle = (low + high) / 2
+        if mean_sparsity(np.where(spared, spared_log, middle)) < wanted:
+            low = middle
+        else:
+            high = middle
+    factors = np.exp(np.where(spared, spared_log, (low + high) / 2))
+    logging.info("--spare %s: %d sites x%s, the other %d x%.3g (mean prefill sparsity of the passes %.3f)", pattern,
+                 spared.sum(), scale, (~spared).sum(), np.exp((low + high) / 2), wanted)
+    return {name: {**laws, "prefill": dataclasses.replace(laws["prefill"], a=laws["prefill"].a * factor)}
+            for (name, laws), factor in zip(site_laws.items(), factors)}
+
+
 def _law_name(weight: float) -> str:
     return {0.0: "global", 1.0: "per_site"}.get(weight, f"pooled {weight:g}")
 
@@ -217,6 +256,8 @@ def main() -> None:
     parser.add_argument("--site-weights", default="1,0",
                         help="with --laws-from/--niah-only: laws to compare, as weights of the per-site fit against the "
                              "model-wide law (1 = per-site, 0 = model-wide, between = pooled), e.g. 1,0.5,0")
+    parser.add_argument("--spare", help="with --laws-from/--niah-only: PATTERN=FACTOR scales the prefill λ of the matching "
+                             "sites and the others' by one factor that keeps the mean prefill sparsity (bench/ACCURACY.md)")
     parser.add_argument("--niah-dense", action="store_true", help="with --laws-from/--niah-only: also run dense NIAH")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -243,8 +284,12 @@ def main() -> None:
         results["kl"] = []
         laws, site_laws = _saved_laws(saved)
         weights = [float(w) for w in args.site_weights.split(",")] if site_laws else [0.0]
-        setters = {_law_name(w): functools.partial(write_laws, sites, laws, _pooled(laws, site_laws, w), 0.5)
-                   for w in weights}
+        pooled = {_law_name(w): _pooled(laws, site_laws, w) for w in weights}
+        if args.spare:
+            pooled = {f"{name} spare {args.spare}": _spared(per_site, json.loads(Path(laws_from).read_text())["passes"],
+                                                            saved["trials"], args.spare)
+                      for name, per_site in pooled.items()}
+        setters = {name: functools.partial(write_laws, sites, laws, per_site, 0.5) for name, per_site in pooled.items()}
         results["law"] = ", ".join(setters)
         if args.laws_from and args.kl_length > 0 and pairs:
             with _timed(seconds, "kl"):
