@@ -36,12 +36,14 @@ class Eager(nn.Module):
     """HF eager_attention_forward, with switches for other spellings and for the forms the matcher
     must refuse. ``scaling``: "multiply", "divide", "divide_in_place" (Falcon's ``scores /= √d``)
     or "after_mask" (``(QKᵀ + mask)·c``, which scales the mask too). ``sinks``: gpt-oss's extra
-    logit per head, in the softmax and sliced off before P·V."""
+    logit per head, in the softmax and sliced off before P·V. ``where_mask``: GPT-Neo's causal mask,
+    ``where(causal, scores, finfo.min)`` before the additive mask."""
 
-    def __init__(self, softcap=None, dropout=0.0, return_probs=False, softmax_dim=-1, scaling="multiply", sinks=False):
+    def __init__(self, softcap=None, dropout=0.0, return_probs=False, softmax_dim=-1, scaling="multiply", sinks=False,
+                 where_mask=False):
         super().__init__()
         self.softcap, self.dropout, self.return_probs = softcap, dropout, return_probs
-        self.softmax_dim, self.scaling, self.sinks = softmax_dim, scaling, sinks
+        self.softmax_dim, self.scaling, self.sinks, self.where_mask = softmax_dim, scaling, sinks, where_mask
 
     def forward(self, q, k, v, mask):
         k, v = repeat_kv(k, HQ // HKV), repeat_kv(v, HQ // HKV)
@@ -54,6 +56,9 @@ class Eager(nn.Module):
             scores /= math.sqrt(D)
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
+        if self.where_mask:
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            scores = torch.where(causal, scores, torch.finfo(scores.dtype).min)
         scores = scores + mask
         if self.scaling == "after_mask":
             scores = scores * D**-0.5
@@ -154,11 +159,12 @@ def test_causal_sdpa_bottom_right_in_decode():
         (Eager(softcap=30.0), "soft-capping"),
         (Eager(scaling="after_mask"), "mask added before scaling"),
         (Eager(sinks=True), "attention sinks"),
+        (Eager(where_mask=True), "mask applied by where()"),
         (Eager(softmax_dim=-2), "dim -2"),
         (Eager(dropout=0.1).train(), "no dropout (for inference, call model.eval() first)"),
         (Fused(dropout=0.1).train(), "dropout_p=0.1: the op has no dropout (for inference, call model.eval() first)"),
     ],
-    ids=["output_attentions", "softcap", "scale_after_mask", "sinks", "softmax_dim", "dropout_eager", "dropout_sdpa"],
+    ids=["output_attentions", "softcap", "scale_after_mask", "sinks", "where_mask", "softmax_dim", "dropout_eager", "dropout_sdpa"],
 )
 def test_unrepresentable_attention_stays_dense_with_reason(attention, reason, caplog):
     model = Block(attention)

@@ -39,6 +39,7 @@ from .patterns import (
     SDPA_ARGUMENTS,
     SOFTMAXES,
     VIEWS,
+    WHERES,
     arguments,
     is_op,
     op_name,
@@ -329,7 +330,7 @@ def _scores_chain(site, softmax, output, value, pattern) -> AttentionMatch:
     key_t = operands and _transposed_key(operands[1], pattern)
     if not key_t:
         what = op_name(node)
-        reason = "logit soft-capping (tanh)" if "tanh" in what else what
+        reason = next((known for name, known in _UNREPRESENTABLE.items() if name in what), what)
         raise LeftDense(site, softmax, f"{reason} between QKᵀ and softmax is not representable")
     query = operands[0]
     key, value = peel_repeat_kv(key_t, pattern), peel_repeat_kv(value, pattern)
@@ -338,6 +339,9 @@ def _scores_chain(site, softmax, output, value, pattern) -> AttentionMatch:
         raise LeftDense(site, softmax, "mask has more than 4 dims")
     pattern.append(output)
     return AttentionMatch(site, output, query, key, value, mask, False, scale, "eager", pattern)
+
+
+_UNREPRESENTABLE = {"tanh": "logit soft-capping (tanh)", "where": "a mask applied by where() (GPT-Neo's causal mask)"}
 
 
 def _through_view_round_trip(node, pattern: list[Node]) -> Node:
@@ -375,6 +379,8 @@ def _peel_constant_scale(node: Node, pattern: list[Node]) -> tuple[Node, float]:
 def _leads_to_scores(node) -> bool:
     """Whether ``node`` is the scores side of ``scores + mask`` (a scale or the QKᵀ matmul)."""
     node = _through_view_round_trip(node, [])
+    if is_op(node, WHERES) and len(node.args) == 3:  # where(mask, scores, fill): named as not representable later
+        return _leads_to_scores(node.args[1])
     return isinstance(node, Node) and (
         is_op(node, SCALES | MATMULS) or (is_op(node, VIEWS) and is_op(node.args[0], {aten.bmm.default}))
     )

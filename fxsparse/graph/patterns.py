@@ -25,6 +25,7 @@ SCALES = {
 }
 DIVIDES = {operator.truediv, operator.itruediv, torch.div, "div", aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor}
 ADD = {operator.add, torch.add, "add", aten.add.Tensor}
+WHERES = {torch.where, "where", aten.where.self}
 SOFTMAXES = {
     F.softmax, torch.softmax, "softmax",
     aten.softmax.int, aten._softmax.default, aten._safe_softmax.default,
