@@ -46,11 +46,10 @@ from fxsparse.api import COMPILER_ATTRIBUTE
 from fxsparse.assets import essays_dir, load_default_model
 from fxsparse.calibration.calibrate import fit_laws, heldout_check, write_laws
 from fxsparse.calibration.fit import LawFit
-from fxsparse.calibration.measure import cache_kwargs, run_sample
+from fxsparse.calibration.measure import cache_kwargs, run_sample, sparsity_by_phase
 from fxsparse.calibration.samples import Sample, build_samples, length_bins
 from fxsparse.calibration.tasks import Corpus
 from fxsparse.config import SKIP_SOFTMAX_CALIB, SparseAttentionConfig
-from fxsparse.sites import PHASE_ROWS
 
 PRESET = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_CALIB).calibration
 NIAH_SEED = 4321
@@ -72,11 +71,7 @@ def _set_mode(sites, targets):
 
 
 def _achieved(sites) -> dict[str, float | None]:
-    out = {}
-    for phase, row in PHASE_ROWS.items():
-        valid = sum(int(s.stats[row, 0]) for s in sites.values())
-        out[phase] = sum(int(s.stats[row, 1]) for s in sites.values()) / valid if valid else None
-    return out
+    return {phase: skipped / valid if valid else None for phase, (skipped, valid) in sparsity_by_phase(sites).items()}
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from ..assets import essays_dir
 from ..config import CalibrationConfig, SparseAttentionConfig
 from ..sites import PHASE_ROWS, SparseSite, sites_of
 from .fit import LawFit, fit_law, law_points
-from .measure import Recorder, merge_decode, run_sample, trial_grid
+from .measure import Recorder, merge_decode, run_sample, sparsity_by_phase, trial_grid
 from .result import CalibrationResult, HeldoutRow
 from .samples import Sample, build_samples
 
@@ -99,9 +99,7 @@ def heldout_check(model, sites, samples: list[Sample], cfg: CalibrationConfig, t
         for site in sites.values():
             site.reset_stats()
         run_sample(model, sample.input_ids, cfg.chunk_size, cfg.decode_steps)
-        for phase, row in PHASE_ROWS.items():
-            valid = sum(int(s.stats[row, 0]) for s in sites.values())
-            skipped = sum(int(s.stats[row, 1]) for s in sites.values())
+        for phase, (skipped, valid) in sparsity_by_phase(sites).items():
             if valid:
                 entry = totals.setdefault((phase, sample.bin), [0, 0, 0])
                 entry[0] += skipped

@@ -77,7 +77,7 @@ class LeftDense(Exception):
 
     def __init__(self, site: str, node: Node, reason: str):
         super().__init__(f"{site} ({node.name}): {reason}")
-        self.site, self.node_name, self.reason = site, node.name, reason
+        self.site, self.reason = site, reason
 
 
 # -- K/V un-repeating --

@@ -25,8 +25,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # 1/ln 2
-
 
 @triton.jit
 def log2_threshold(state_ptr, phase, kv_len):
@@ -212,7 +210,7 @@ def prefill_kernel(
         q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
     )
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * 1.4426950408889634  # 1/ln 2
     k_base = k_ptr + b * stride_kb + h_kv * stride_kh
     v_base = v_ptr + b * stride_vb + h_kv * stride_vh
     k_desc = k_base
