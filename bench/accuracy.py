@@ -274,15 +274,15 @@ def main() -> None:
     results["niah"] = []
     laws_from = args.laws_from or args.niah_only
     if laws_from:
-        saved = json.loads(Path(laws_from).read_text())["calibration"]
+        saved_run = json.loads(Path(laws_from).read_text())
+        saved = saved_run["calibration"]
         results["laws_from"] = laws_from
         results["kl"] = []
         laws, site_laws = _saved_laws(saved)
         weights = [float(w) for w in args.site_weights.split(",")] if site_laws else [0.0]
         pooled = {_law_name(w): _pooled(laws, site_laws, w) for w in weights}
         if args.spare:
-            pooled = {f"{name} spare {args.spare}": _spared(per_site, json.loads(Path(laws_from).read_text())["passes"],
-                                                            saved["trials"], args.spare)
+            pooled = {f"{name} spare {args.spare}": _spared(per_site, saved_run["passes"], saved["trials"], args.spare)
                       for name, per_site in pooled.items()}
         setters = {name: functools.partial(write_laws, sites, laws, per_site, 0.5) for name, per_site in pooled.items()}
         results["law"] = ", ".join(setters)

@@ -63,11 +63,12 @@ def _rewrite(module: torch.fx.GraphModule, config: SparseAttentionConfig) -> Rew
     configs: dict[str, SiteConfig] = {}
 
     def configure(names: list[str]) -> dict[str, SiteConfig]:
-        resolved = config.resolve(full_site_name("", name) for name in names)
-        for name in names:
-            configs[name] = resolved[full_site_name("", name)]
-            site = SparseSite(full_site_name("", name), configs[name], persistent=True).to(module_device(module))
-            _attach(module, f"{site.name}.{SITE_ATTRIBUTE}", site)
+        paths = {name: full_site_name("", name) for name in names}
+        resolved = config.resolve(paths.values())
+        for name, path in paths.items():
+            configs[name] = resolved[path]
+            site = SparseSite(path, configs[name], persistent=True).to(module_device(module))
+            _attach(module, f"{path}.{SITE_ATTRIBUTE}", site)
         return configs
 
     def site_inputs(name: str, settings: SiteConfig) -> SiteInputs:
