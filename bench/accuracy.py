@@ -10,7 +10,8 @@ One measurement pass calibrates (``fxsparse.calibrate``); everything else reuses
    tokens, fed one at a time through the KV cache (decode phase);
 3. NIAH over the essays at the given lengths: dense vs (prefill, decode) target pairs, with the
    achieved sparsity of each run and the needle depth of each prompt (``--spare``: a hand-made per-site
-   allocation at equal average prefill sparsity, bench/ACCURACY.md).
+   allocation at equal average prefill sparsity; ``--caps``: calibration's per-site sparsity cap applied to
+   the saved run's passes; bench/ACCURACY.md).
 
 The dense baseline is the same rewritten model with its sites disabled. Calibration defaults are
 those of ``SKIP_SOFTMAX_CALIB`` (64 samples up to 8192 tokens): minutes on a GPU, hours on a CPU::
@@ -44,9 +45,9 @@ import torch
 import fxsparse
 from fxsparse.api import COMPILER_ATTRIBUTE
 from fxsparse.assets import essays_dir, load_default_model
-from fxsparse.calibration.calibrate import fit_laws, heldout_check, write_laws
-from fxsparse.calibration.fit import LawFit
-from fxsparse.calibration.measure import cache_kwargs, run_sample, sparsity_by_phase
+from fxsparse.calibration.calibrate import cap_site_laws, fit_laws, heldout_check, write_laws
+from fxsparse.calibration.fit import solve_increasing, tiles_skipped
+from fxsparse.calibration.measure import Pass, cache_kwargs, run_sample, sparsity_by_phase
 from fxsparse.calibration.samples import Sample, build_samples, length_bins
 from fxsparse.calibration.tasks import Corpus
 from fxsparse.config import SKIP_SOFTMAX_CALIB, SparseAttentionConfig
@@ -121,7 +122,7 @@ def _niah(model, tokenizer, sites, lengths, prompts, pairs, dense=True, law_sett
     """
     law_setters = law_setters or {"": lambda: None}
     configs = [("", None, "dense", None)] * dense + [
-        (law, write, f"{p:.1f}/{d:.1f}" + (f" {law}" if law else ""), (p, d))
+        (law, write, f"{p:g}/{d:g}" + (f" {law}" if law else ""), (p, d))
         for law, write in law_setters.items() for p, d in pairs]
     for length in lengths:
         samples = _niah_prompts(tokenizer, length, prompts)
@@ -155,23 +156,42 @@ def _kl_rows(model, sites, tokenizer, args, pairs, law_setters):
             yield row
 
 
-def _saved_laws(saved: dict) -> tuple[dict, dict]:
-    """(model-wide laws, the sites' own fits) of an earlier run's JSON, as the fits ``write_laws`` takes."""
-    def fits(laws: dict) -> dict:
-        return {phase: LawFit(**law) if law else None for phase, law in laws.items()}
-
-    laws, site_laws = fits(saved["laws"]), {name: fits(own) for name, own in saved.get("site_laws", {}).items()}
-    weight = saved.get("per_site_weight") or 1.0  # saved site laws were pooled with it: undo (weight 1/w)
-    return laws, _pooled(laws, site_laws, 1.0 / weight)
+def _passes(saved_run: dict) -> list[Pass]:
+    """The measured passes of an earlier run's JSON."""
+    return [Pass(p["phase"], p["sample"], p["kv_len"], np.asarray(p["valid"]), np.asarray(p["skipped"]))
+            for p in saved_run["passes"]]
 
 
-def _pooled(laws: dict, site_laws: dict, weight: float) -> dict:
-    """The per-site laws pooled toward the model-wide law with ``weight`` (``LawFit.pooled_toward``)."""
+def _saved_laws(saved_run: dict, names: list[str]) -> tuple[dict, dict]:
+    """(model-wide laws, the sites' own fits) refitted from an earlier run's measured passes; the fit is
+    deterministic, so these are that run's fits whatever pooling or cap it then applied."""
+    saved = saved_run["calibration"]
+    laws, own, _ = fit_laws(_passes(saved_run), saved["trials"], saved["targets"], names)
+    return laws, own
+
+
+def _pooled(laws: dict, own: dict, weight: float) -> dict:
+    """The sites' own fits pooled toward the model-wide law with ``weight`` (``LawFit.pooled_toward``)."""
     return {name: {phase: fit.pooled_toward(laws[phase], weight) if laws.get(phase) else fit
-                   for phase, fit in own.items()} for name, own in site_laws.items()}
+                   for phase, fit in fits.items()} for name, fits in own.items()}
 
 
-def _spared(site_laws: dict, passes: list[dict], trials: list[float], spare: str, target: float = 0.5) -> dict:
+def _site_laws(saved_run: dict, laws: dict, own: dict, weight: float, cap: float | None = None) -> dict:
+    """The per-site laws ``calibrate`` writes with ``per_site_weight`` = weight and ``per_site_cap`` = cap."""
+    pooled = _pooled(laws, own, weight)
+    if not cap:
+        return pooled
+    saved = saved_run["calibration"]
+    return cap_site_laws(pooled, _passes(saved_run), saved["trials"], saved["targets"], cap)[0]
+
+
+def preset_laws(saved_run: dict, names: list[str]) -> tuple[dict, dict]:
+    """(model-wide laws, per-site laws) of ``SKIP_SOFTMAX_CALIB``'s defaults, from an earlier run's passes."""
+    laws, own = _saved_laws(saved_run, names)
+    return laws, _site_laws(saved_run, laws, own, PRESET.per_site_weight, PRESET.per_site_cap)
+
+
+def _spared(site_laws: dict, passes: list[Pass], trials: list[float], spare: str, target: float = 0.5) -> dict:
     """An equal-average allocation: the prefill λ of the sites matching ``spare``'s pattern scaled by its factor
     (``"model.layers.1[0-9].*=0.1"``), every other site's by the one factor that keeps the mean prefill tile
     sparsity of the calibration ``passes`` at ``target`` what the unscaled laws give. Decode laws unchanged."""
@@ -180,35 +200,25 @@ def _spared(site_laws: dict, passes: list[dict], trials: list[float], spare: str
     spared = np.array([fnmatch.fnmatchcase(name, pattern) for name in names])
     if not spared.any():
         raise ValueError(f"--spare: {pattern!r} matches no site; sites are {names}")
-    prefill = [p for p in passes if p["phase"] == "prefill"]
-    valid = np.array([p["valid"] for p in prefill], dtype=float)  # (passes, sites)
-    fraction = np.array([p["skipped"] for p in prefill], dtype=float) / np.maximum(valid, 1)[..., None]
-    log_lam = np.log([[site_laws[n]["prefill"].threshold(target, p["kv_len"]) for n in names] for p in prefill])
-    log_trials = np.log(trials)
+    base = [site_laws[name]["prefill"] for name in names]
 
     def mean_sparsity(log_factors: np.ndarray) -> float:
-        shifted = log_lam + log_factors
-        reached = [[np.interp(shifted[k, i], log_trials, fraction[k, i]) for i in range(len(names))]
-                   for k in range(len(prefill))]
-        return float((np.array(reached) * valid).sum() / valid.sum())
+        laws = [law.scaled(np.exp(f)) for law, f in zip(base, log_factors)]
+        skipped, valid = tiles_skipped(passes, "prefill", trials, laws, target)
+        return float(skipped.sum() / valid.sum())
 
-    spared_log = np.log(float(scale))
-    wanted, low, high = mean_sparsity(np.zeros(len(names))), -10.0, 10.0
-    for _ in range(50):  # bisection on the other sites' log factor: mean sparsity grows with it
-        middle = (low + high) / 2
-        if mean_sparsity(np.where(spared, spared_log, middle)) < wanted:
-            low = middle
-        else:
-            high = middle
-    factors = np.exp(np.where(spared, spared_log, (low + high) / 2))
+    spared_log, wanted = np.log(float(scale)), mean_sparsity(np.zeros(len(names)))
+    other_log = solve_increasing(lambda f: mean_sparsity(np.where(spared, spared_log, f)) - wanted)
+    factors = np.exp(np.where(spared, spared_log, other_log))
     logging.info("--spare %s: %d sites x%s, the other %d x%.3g (mean prefill sparsity of the passes %.3f)", pattern,
-                 spared.sum(), scale, (~spared).sum(), np.exp((low + high) / 2), wanted)
-    return {name: {**laws, "prefill": dataclasses.replace(laws["prefill"], a=laws["prefill"].a * factor)}
+                 spared.sum(), scale, (~spared).sum(), np.exp(other_log), wanted)
+    return {name: {**laws, "prefill": laws["prefill"].scaled(factor)}
             for (name, laws), factor in zip(site_laws.items(), factors)}
 
 
-def _law_name(weight: float) -> str:
-    return {0.0: "global", 1.0: "per_site"}.get(weight, f"pooled {weight:g}")
+def _law_name(weight: float, cap: float | None = None) -> str:
+    name = {0.0: "global", 1.0: "per_site"}.get(weight, f"pooled {weight:g}")
+    return f"{name} cap {cap:g}" if cap else name
 
 
 @contextlib.contextmanager
@@ -253,6 +263,8 @@ def main() -> None:
                              "model-wide law (1 = per-site, 0 = model-wide, between = pooled), e.g. 1,0.5,0")
     parser.add_argument("--spare", help="with --laws-from/--niah-only: PATTERN=FACTOR scales the prefill λ of the matching "
                              "sites and the others' by one factor that keeps the mean prefill sparsity (bench/ACCURACY.md)")
+    parser.add_argument("--caps", help="with --laws-from/--niah-only: per-site sparsity caps to compare, as multiples of "
+                             "the target 0.5 (calibration's per_site_cap; 0 = no cap), e.g. 0,1.15")
     parser.add_argument("--niah-dense", action="store_true", help="with --laws-from/--niah-only: also run dense NIAH")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -278,13 +290,14 @@ def main() -> None:
         saved = saved_run["calibration"]
         results["laws_from"] = laws_from
         results["kl"] = []
-        laws, site_laws = _saved_laws(saved)
-        weights = [float(w) for w in args.site_weights.split(",")] if site_laws else [0.0]
-        pooled = {_law_name(w): _pooled(laws, site_laws, w) for w in weights}
+        laws, own = _saved_laws(saved_run, list(sites))
+        weights = [float(w) for w in args.site_weights.split(",")]
+        caps = [float(c) for c in args.caps.split(",")] if args.caps else [0.0]
+        per_site_laws = {_law_name(w, c): _site_laws(saved_run, laws, own, w, c) for w in weights for c in caps}
         if args.spare:
-            pooled = {f"{name} spare {args.spare}": _spared(per_site, saved_run["passes"], saved["trials"], args.spare)
-                      for name, per_site in pooled.items()}
-        setters = {name: functools.partial(write_laws, sites, laws, per_site, 0.5) for name, per_site in pooled.items()}
+            per_site_laws = {f"{name} spare {args.spare}": _spared(fits, _passes(saved_run), saved["trials"], args.spare)
+                             for name, fits in per_site_laws.items()}
+        setters = {name: functools.partial(write_laws, sites, laws, fits, 0.5) for name, fits in per_site_laws.items()}
         results["law"] = ", ".join(setters)
         if args.laws_from and args.kl_length > 0 and pairs:
             with _timed(seconds, "kl"):
@@ -337,6 +350,9 @@ def main() -> None:
         setters = {_law_name(w): functools.partial(write_laws, sites, calibration.laws,
                                                    _pooled(calibration.laws, own_fits, w), cfg_targets)
                    for w in weights}
+        if cfg.per_site and cfg.per_site_cap:  # the calibrated default, next to the uncapped laws
+            setters[_law_name(cfg.per_site_weight, cfg.per_site_cap)] = functools.partial(
+                write_laws, sites, calibration.laws, calibrated_site_laws, cfg_targets)
         with _timed(seconds, "kl"):
             for row in _kl_rows(model, sites, tokenizer, args, pairs, setters):
                 results["kl"].append(row)

@@ -58,7 +58,7 @@ def kl_table(results: dict) -> list[str]:
              "achieved decode |", "|---|---|---|---|---|---|"]
     for row in results.get("kl", []):
         prefill, decode = row.get("targets") or (row["target"], row["target"])
-        lines.append(f"| {row['law']} | {prefill:.1f}/{decode:.1f} | {_kl(row.get('kl_prefill', row.get('kl')))} | "
+        lines.append(f"| {row['law']} | {prefill:g}/{decode:g} | {_kl(row.get('kl_prefill', row.get('kl')))} | "
                      f"{_kl(row.get('kl_decode'))} | {_pct(row['achieved']['prefill'])} | "
                      f"{_pct(row['achieved'].get('decode'))} |")
     return lines

@@ -70,7 +70,7 @@ def main() -> None:
     fxsparse.sparsify(model, {"sparse_cfg": {"*attn*": {"br": 128, "bc": 128, "backend": "pytorch"},
                                              "default": {"enable": False}}})
     sites = fxsparse.sites_of(model)
-    laws, own_fits = _saved_laws(json.loads(Path(args.laws_from).read_text())["calibration"])
+    laws, own_fits = _saved_laws(json.loads(Path(args.laws_from).read_text()), list(sites))
     write_laws(sites, laws, _pooled(laws, own_fits, args.site_weight), 0.5)
     ids = _kl_text(tokenizer, args.length)[0].tolist()
     rows = []

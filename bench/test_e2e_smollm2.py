@@ -2,7 +2,7 @@
 
 HF sdpa against the same weights after ``fxsparse.sparsify`` (Triton backend) dense (sites disabled, λ = 0) and
 at calibrated targets. The laws are those of an earlier calibration (``LAWS_FROM``, the JSON of
-``bench/accuracy.py``), pooled as the default does, so no calibration runs here. Per row: the time of one
+``bench/accuracy.py``), pooled and capped from its passes as the default does, so no calibration runs here. Per row: the time of one
 prefill forward (last position's logits) and the tile sparsity it reached.
 
 The model is small (hidden 576, 30 layers, 9 query / 3 KV heads, head dim 64): one sequence leaves a forward
@@ -35,19 +35,17 @@ LAWS_FROM = os.environ.get("LAWS_FROM", "bench/results/accuracy_gpu_calib_pooled
 def _models():
     """(HF sdpa model, the rewritten copy, its sites, tokenizer); the rewritten model holds the saved laws."""
     import fxsparse
-    from bench.accuracy import _pooled, _saved_laws
+    from bench.accuracy import preset_laws
     from fxsparse.assets import load_default_model
     from fxsparse.calibration.calibrate import write_laws
-    from fxsparse.config import SKIP_SOFTMAX_CALIB, SparseAttentionConfig
 
     hf, tokenizer = load_default_model("cuda", torch.bfloat16)
     rewritten, _ = load_default_model("cuda", torch.bfloat16)
     fxsparse.sparsify(rewritten, {"sparse_cfg": {"*attn*": {"backend": "triton", "br": 128, "bc": 128},
                                                  "default": {"enable": False}}})
     sites = fxsparse.sites_of(rewritten)
-    laws, own_fits = _saved_laws(json.loads(Path(LAWS_FROM).read_text())["calibration"])
-    weight = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_CALIB).calibration.per_site_weight
-    write_laws(sites, laws, _pooled(laws, own_fits, weight), 0.5)
+    laws, site_laws = preset_laws(json.loads(Path(LAWS_FROM).read_text()), list(sites))
+    write_laws(sites, laws, site_laws, 0.5)
     return hf, rewritten, sites, tokenizer
 
 

@@ -12,7 +12,8 @@ import torch
 
 import fxsparse
 from calibration_fixtures import essays, essays_folder, private_cache, tokenizer  # noqa: F401 (fixtures)
-from fxsparse.calibration.calibrate import fit_laws
+from fxsparse.calibration.calibrate import cap_site_laws, fit_laws
+from fxsparse.calibration.fit import tiles_skipped
 from fxsparse.calibration.measure import Recorder, run_sample, trial_grid
 from fxsparse.ops.threshold import A, B, TARGET, make_threshold_state
 from fxsparse.sites import PHASE_ROWS
@@ -112,11 +113,18 @@ def test_per_site_laws_differ_and_are_written(tokenizer, essays):
         assert site.law()["prefill"]["a"] == pytest.approx(result.site_laws[name]["prefill"].a, rel=1e-6)
     a_values = {round(laws["prefill"].a, 6) for laws in result.site_laws.values()}
     assert len(a_values) == len(sites)
-    assert "per-site laws" in result.format() and "pooled toward the model-wide law (weight 0.5)" in result.format()
-    # the written laws are the sites' own fits pooled with the default weight, refitted from the same passes
-    _, own, _ = fit_laws(result.passes, result.trials, result.targets, list(sites))
+    text = result.format()
+    assert "per-site laws" in text and "pooled toward the model-wide law (weight 0.5)" in text
+    assert "capped at 1.15x the target" in text and result.per_site_cap == 1.15
+    # the written laws are the sites' own fits pooled with the default weight, refitted from the same passes,
+    # then capped: no site sparser than 1.15x the target on the passes, the mean at the target
     _, pooled, _ = fit_laws(result.passes, result.trials, result.targets, list(sites), site_weight=0.5)
-    assert pooled == result.site_laws and own != result.site_laws
+    capped, held, _ = cap_site_laws(pooled, result.passes, result.trials, result.targets, 1.15)
+    assert capped == result.site_laws and held == result.capped and result.to_dict()["capped"] == held
+    for phase, target in result.targets.items():
+        skipped, valid = tiles_skipped(result.passes, phase, result.trials, [capped[n][phase] for n in sites], target)
+        assert skipped.sum() / valid.sum() == pytest.approx(target, abs=0.01)
+        assert (skipped / valid <= 1.15 * target + 0.01).all()
 
 
 def test_forward_loop_measures_user_data_and_warns_for_unmeasured_decode(tokenizer):

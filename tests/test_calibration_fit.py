@@ -1,11 +1,13 @@
-"""The law fit sf = a·exp(b·S): recovery from synthetic points, point extraction, decode merging."""
+"""The law fit sf = a·exp(b·S): recovery from synthetic points, point extraction, decode merging, and the
+per-site sparsity cap computed from measured passes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fxsparse.calibration.fit import LawFit, fit_law, law_points
+from fxsparse.calibration.calibrate import cap_site_laws
+from fxsparse.calibration.fit import LawFit, fit_law, law_points, tiles_skipped
 from fxsparse.calibration.measure import Pass, merge_decode, trial_grid
 
 
@@ -114,3 +116,60 @@ def test_per_site_fit_falls_back_to_the_model_wide_law():
     assert pooled["layers.0"]["prefill"].b == pytest.approx((own.b + model_wide.b) / 2)
     assert pooled["layers.0"]["prefill"].a == pytest.approx(np.sqrt(own.a * model_wide.a))
     assert pooled["layers.1"]["prefill"] == model_wide
+
+
+def _reached(passes, trials, laws, target):
+    """Reference for tiles_skipped: np.interp of every (pass, site) count at that site's ln λ."""
+    skipped, valid = np.zeros(len(laws)), np.zeros(len(laws))
+    for p in passes:
+        for i, law in enumerate(laws):
+            skipped[i] += np.interp(np.log(law.threshold(target, p.kv_len)), np.log(trials), p.skipped[i])
+            valid[i] += p.valid[i]
+    return skipped, valid
+
+
+def _easy_and_hard_sites(trials, ease=(0.02, 0.1, 3.0, 10.0, 30.0)):
+    """Prefill passes of sites whose sparsity grows with ln λ, each from a different λ on (easy sites skip
+    early), at three lengths."""
+    passes = []
+    for sample, kv_len in enumerate((1024.0, 2048.0, 4096.0)):
+        share = np.stack([np.clip(np.log10(trials * kv_len * e) / 5.0, 0.0, 0.95) for e in ease])
+        valid = np.array([kv_len // 16] * len(ease))
+        passes.append(Pass("prefill", sample, kv_len, valid, np.round(share * valid[:, None])))
+    return passes
+
+
+def test_tiles_skipped_interpolates_each_pass_at_its_threshold():
+    trials = np.logspace(-4, 1, 30)
+    passes = _easy_and_hard_sites(trials)
+    laws = [LawFit(a, 6.0, 1.0, 10, 0.1, 0.9) for a in (1e-3, 0.5, 4.0, 30.0, 1e6)]  # the last is past the grid
+    skipped, valid = tiles_skipped(passes, "prefill", trials, laws, 0.4)
+    expected_skipped, expected_valid = _reached(passes, trials, laws, 0.4)
+    np.testing.assert_allclose(skipped, expected_skipped, rtol=1e-9)
+    np.testing.assert_array_equal(valid, expected_valid)
+    assert skipped[-1] == sum(p.skipped[-1, -1] for p in passes)  # clamped to the last trial
+    assert tiles_skipped(passes, "decode", trials, laws, 0.4)[1].sum() == 0  # no decode passes measured
+
+
+def test_cap_holds_easy_sites_at_the_cap_and_the_mean_at_the_target():
+    trials = np.logspace(-4, 1, 30)
+    passes = _easy_and_hard_sites(trials)
+    names = [f"layers.{i}" for i in range(5)]
+    base = LawFit(2.0, 5.0, 0.9, 100, 0.1, 0.9)
+    site_laws = {name: {"prefill": base} for name in names}
+    target, cap = 0.5, 1.15
+    laws, capped, warnings = cap_site_laws(site_laws, passes, trials, {"prefill": target}, cap)
+    chosen = [laws[name]["prefill"] for name in names]
+    skipped, valid = _reached(passes, trials, chosen, target)
+    assert skipped.sum() / valid.sum() == pytest.approx(target, abs=2e-3) and warnings == []
+    sparsity = skipped / valid
+    assert (sparsity <= cap * target + 2e-3).all()
+    assert capped["prefill"] == names[2:]  # the three easiest sites reach the cap
+    np.testing.assert_allclose(sparsity[2:], cap * target, atol=2e-3)
+    assert chosen[0].a == pytest.approx(chosen[1].a) and chosen[0].a > base.a  # the others share one factor
+    assert all(law.b == base.b for law in chosen)
+    # without a binding cap every site keeps the common factor: one law, its mean moved to the target
+    loose, capped, _ = cap_site_laws(site_laws, passes, trials, {"prefill": target}, 10.0)
+    assert capped["prefill"] == [] and len({loose[name]["prefill"].a for name in names}) == 1
+    skipped, valid = _reached(passes, trials, [loose[name]["prefill"] for name in names], target)
+    assert skipped.sum() / valid.sum() == pytest.approx(target, abs=2e-3)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -41,6 +41,10 @@ class LawFit:
 
     def covers(self, sparsity: float) -> bool:
         return self.observed_min <= sparsity <= self.observed_max
+
+    def scaled(self, factor: float) -> LawFit:
+        """The same law with every threshold multiplied by ``factor``."""
+        return replace(self, a=self.a * factor)
 
     def pooled_toward(self, model_wide: LawFit, weight: float) -> LawFit:
         """This (per-site) law moved toward the model-wide one: ln sf = w·own + (1 − w)·model-wide at every S.
@@ -73,6 +77,39 @@ def law_points(
     if not sf:
         return np.zeros(0), np.zeros(0)
     return np.concatenate(sf), np.concatenate(sparsity)
+
+
+def tiles_skipped(
+    passes: Sequence[Pass], phase: str, trials: Sequence[float], laws: Sequence[LawFit], target: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(skipped, valid) tiles per site, summed over the measured passes of ``phase``, had site i run
+    ``laws[i]`` at ``target``. Each (pass, site) count is interpolated in ln λ between the trial
+    thresholds it was measured at, clamped to the grid's ends."""
+    chosen = [p for p in passes if p.phase == phase]
+    if not chosen:
+        return np.zeros(len(laws)), np.zeros(len(laws))
+    valid = np.stack([p.valid for p in chosen]).astype(np.float64)  # (P, N)
+    skipped = np.stack([p.skipped for p in chosen]).astype(np.float64)  # (P, N, T)
+    kv_len = np.array([p.kv_len for p in chosen], dtype=np.float64)
+    log_trials = np.log(np.asarray(trials, dtype=np.float64))
+    log_sf = np.array([math.log(law.scale_factor(target)) for law in laws])
+    log_threshold = log_sf[None, :] - np.log(kv_len)[:, None]  # (P, N)
+    upper = np.clip(np.searchsorted(log_trials, log_threshold), 1, log_trials.size - 1)
+    lower = upper - 1
+    weight = np.clip((log_threshold - log_trials[lower]) / (log_trials[upper] - log_trials[lower]), 0.0, 1.0)
+    below = np.take_along_axis(skipped, lower[..., None], -1)[..., 0]
+    above = np.take_along_axis(skipped, upper[..., None], -1)[..., 0]
+    return (below + weight * (above - below)).sum(0), valid.sum(0)
+
+
+def solve_increasing(excess: Callable[[np.ndarray], np.ndarray], shape=(), bound: float = 20.0) -> np.ndarray:
+    """Elementwise root of an increasing ``excess(x)`` in [-bound, bound] by bisection (a bound if none)."""
+    low, high = np.full(shape, -bound), np.full(shape, bound)
+    for _ in range(60):
+        middle = (low + high) / 2
+        below = excess(middle) < 0
+        low, high = np.where(below, middle, low), np.where(below, high, middle)
+    return (low + high) / 2
 
 
 def fit_law(sf: np.ndarray, sparsity: np.ndarray, fit_range: tuple[float, float] = FIT_RANGE) -> LawFit | None:

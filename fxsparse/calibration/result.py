@@ -35,6 +35,8 @@ class CalibrationResult:
         passes: the measured ``measure.Pass`` records (not in ``to_dict``): refit with
             ``calibration.calibrate.fit_laws`` without measuring again.
         per_site_weight: how far the site laws keep their own fit (``LawFit.pooled_toward``), per_site only.
+        per_site_cap: the sparsity cap, as a multiple of the target (``calibrate.cap_site_laws``); None: none.
+        capped: per phase, the sites held at the cap.
     """
 
     laws: dict[str, LawFit | None]
@@ -49,6 +51,8 @@ class CalibrationResult:
     warnings: list[str] = field(default_factory=list)
     passes: list = field(default_factory=list, repr=False)  # the raw measurements (fit.law_points), to refit
     per_site_weight: float | None = None
+    per_site_cap: float | None = None
+    capped: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +60,8 @@ class CalibrationResult:
             "targets": dict(self.targets),
             "per_site": self.per_site,
             "per_site_weight": self.per_site_weight,
+            "per_site_cap": self.per_site_cap,
+            "capped": {phase: list(names) for phase, names in self.capped.items()},
             "site_laws": {s: {p: law.to_dict() for p, law in laws.items()} for s, laws in self.site_laws.items()},
             "heldout": [{**vars(row), "error": row.error} for row in self.heldout],
             "num_samples": self.num_samples,
@@ -71,6 +77,9 @@ class CalibrationResult:
         if self.per_site:
             mode = "per site" if self.per_site_weight in (None, 1.0) else \
                 f"per site, pooled toward the model-wide law (weight {self.per_site_weight:g})"
+            if self.per_site_cap is not None:
+                held = ", ".join(f"{len(names)} {phase}" for phase, names in self.capped.items())
+                mode += f", capped at {self.per_site_cap:g}x the target ({held} sites at the cap)"
         lines = [f"calibration: {self.num_samples} samples, {self.num_passes} measured passes, "
                  f"{len(self.trials)} trial thresholds, {mode}, {self.seconds:.1f} s",
                  f"{'phase':<8} {'target':>6} {'a':>11} {'b':>8} {'R^2':>6} {'points':>6} {'observed S':>13}"]
