@@ -57,6 +57,14 @@ NIAH_SEED = 4321
 NIAH_NEW_TOKENS = 12
 
 
+def sparse_smollm2(device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "pytorch"):
+    """(model, tokenizer, sites): SmolLM2 rewritten by ``sparsify``, every attention site enabled, 128×128 tiles."""
+    model, tokenizer = load_default_model(device, dtype)
+    site_cfg = {"br": 128, "bc": 128, "backend": backend, "enable": True}
+    fxsparse.sparsify(model, {"sparse_cfg": {"*attn*": site_cfg, "default": {"enable": False}}})
+    return model, tokenizer, fxsparse.sites_of(model)
+
+
 def _pair(text: str) -> tuple[float, float]:
     prefill, _, decode = text.partition("/")
     return float(prefill), float(decode or prefill)
@@ -276,10 +284,7 @@ def main() -> None:
 
     start = time.perf_counter()
     with _timed(seconds, "load_and_sparsify"):
-        model, tokenizer = load_default_model(args.device, getattr(torch, args.dtype))
-        site_cfg = {"br": 128, "bc": 128, "backend": args.backend, "enable": True}
-        fxsparse.sparsify(model, {"sparse_cfg": {"*attn*": site_cfg, "default": {"enable": False}}})
-        sites = fxsparse.sites_of(model)
+        model, tokenizer, sites = sparse_smollm2(args.device, getattr(torch, args.dtype), args.backend)
 
     lengths = [int(x) for x in args.niah_lengths.split(",") if x]
     pairs = [_pair(p) for p in args.pairs.split(",") if p]

@@ -22,15 +22,13 @@ from unittest import mock
 
 import torch
 
-import fxsparse
-from fxsparse.assets import load_default_model
 from fxsparse.calibration.calibrate import write_laws
 from fxsparse.calibration.measure import run_sample
 from fxsparse.ops import op as op_module
 from fxsparse.ops.reference import reference_attention
 from fxsparse.ops.threshold import DECODE, log_threshold
 
-from bench.accuracy import _kl_text, _pooled, _saved_laws
+from bench.accuracy import _kl_text, _pooled, _saved_laws, sparse_smollm2
 
 
 class UnionCounter:
@@ -66,10 +64,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    model, tokenizer = load_default_model("cpu", torch.float32)
-    fxsparse.sparsify(model, {"sparse_cfg": {"*attn*": {"br": 128, "bc": 128, "backend": "pytorch"},
-                                             "default": {"enable": False}}})
-    sites = fxsparse.sites_of(model)
+    model, tokenizer, sites = sparse_smollm2()
     laws, own_fits = _saved_laws(json.loads(Path(args.laws_from).read_text()), list(sites))
     write_laws(sites, laws, _pooled(laws, own_fits, args.site_weight), 0.5)
     ids = _kl_text(tokenizer, args.length)[0].tolist()

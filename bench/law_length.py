@@ -1,6 +1,7 @@
-"""How far the calibrated law's 1/L carries across length bins, from a calibration run's own passes.
+"""How far the calibrated law carries across length bins, from a calibration run's own passes.
 
-The law sets λ = a·exp(b·S)/L, i.e. one scale factor sf = λ·L per target S at every length. Each
+Model Optimizer's law sets λ = a·exp(b·S)/L, i.e. one scale factor sf = λ·L per target S at every
+length; fxsparse fits λ = a·exp(b·S)/L^p (``fit_length_exponent``). Each
 measured pass (``bench/accuracy.py`` saves them under "passes") holds, per site, the tiles every trial
 λ would skip, so it tells which λ reaches a target on that pass. Per phase, target and length bin this
 prints the sf that bin needs (median over its passes), the length exponent p of a fit λ_needed ∝ L^−p
@@ -10,6 +11,13 @@ prints the sf that bin needs (median over its passes), the length exponent p of 
 
 A pass's sparsity at a λ between two trials is interpolated linearly in log λ. The in-sample numbers
 are a proxy for the held-out check (they use the fit's own samples, and dense inputs at every layer).
+
+``--heldout FILE`` (passes measured the same way on samples the fit never saw, e.g.
+``bench/results/heldout_passes_cpu.json``) refits ``SKIP_SOFTMAX_CALIB``'s laws from the run's passes
+(pooled per-site; capped and uncapped, each with p = 1 and with p fitted) and prints the sparsity each
+reaches per held-out bin at targets 0.3 / 0.5 / 0.7, with the cells within ±5 points counted::
+
+    python bench/law_length.py bench/results/accuracy_gpu_calib_pooled.json --heldout bench/results/heldout_passes_cpu.json
 """
 
 from __future__ import annotations
@@ -20,17 +28,27 @@ import math
 
 import numpy as np
 
+from fxsparse.calibration.calibrate import cap_site_laws, fit_laws
+from fxsparse.calibration.fit import LawFit, tiles_skipped
+from fxsparse.calibration.measure import Pass
+from fxsparse.config import SKIP_SOFTMAX_CALIB, SparseAttentionConfig
+
 TARGETS = (0.3, 0.5, 0.7)
+
+
+def trials_of(run) -> list[float]:
+    return run["calibration"]["trials"] if "calibration" in run else run["trials"]
 
 
 def load(path):
     run = json.load(open(path))
-    log_trials = np.log(np.asarray(run["calibration"]["trials"]))
+    log_trials = np.log(np.asarray(trials_of(run)))
     passes = [dict(p, valid=np.asarray(p["valid"], float), skipped=np.asarray(p["skipped"], float))
               for p in run["passes"]]
     longest: dict[int, float] = {}
-    for p in passes:  # a sample's bin: the power of two its longest pass fits in
-        longest[p["sample"]] = max(longest.get(p["sample"], 0.0), p["kv_len"])
+    for p in passes:  # a sample's bin: the power of two its prompt fits in (decode steps may run past it)
+        if p["phase"] == "prefill":
+            longest[p["sample"]] = max(longest.get(p["sample"], 0.0), p["kv_len"])
     for p in passes:
         p["bin"] = 1 << math.ceil(math.log2(longest[p["sample"]]))
     return run, log_trials, passes
@@ -47,32 +65,60 @@ def needed_log_lambda(p, log_trials, target):
     return float(np.interp(target, curve[i - 1 : i + 1], log_trials[i - 1 : i + 1]))
 
 
-def achieved(passes, log_trials, laws, phase, target):
-    """{bin: sparsity} the per-site laws {site index: (a, b)} reach on the passes of ``phase``."""
-    totals: dict[int, list[float]] = {}
-    for p in passes:
-        if p["phase"] != phase:
-            continue
-        skipped = sum(np.interp(math.log(a * math.exp(b * target) / p["kv_len"]), log_trials, p["skipped"][site])
-                      for site, (a, b) in laws.items())
-        entry = totals.setdefault(p["bin"], [0.0, 0.0])
-        entry[0] += skipped
-        entry[1] += p["valid"].sum()
-    return {b: s / v for b, (s, v) in sorted(totals.items())}
+def achieved(passes, trials, laws, phase, target):
+    """{bin: sparsity} the per-site laws (``LawFit`` in site order) reach on the passes of ``phase``."""
+    out = {}
+    for bin_size in sorted({p["bin"] for p in passes}):
+        chosen = [Pass(p["phase"], p["sample"], p["kv_len"], p["valid"], p["skipped"]) for p in passes if p["bin"] == bin_size]
+        skipped, valid = tiles_skipped(chosen, phase, trials, laws, target)
+        if valid.sum():
+            out[bin_size] = skipped.sum() / valid.sum()
+    return out
+
+
+def heldout_table(run, passes, heldout_run, heldout) -> None:
+    """Held-out sparsity per bin of the preset's per-site laws refitted from ``passes``: p = 1 or fitted,
+    capped (the preset's ``per_site_cap``) or not."""
+    preset = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_CALIB).calibration
+    fit_passes = [Pass(p["phase"], p["sample"], p["kv_len"], p["valid"], p["skipped"]) for p in passes]
+    names = [f"site {i}" for i in range(len(passes[0]["valid"]))]
+    trials, targets = trials_of(run), run["calibration"]["targets"]
+    print("| law | phase | target | held-out sparsity per bin | within ±5 |")
+    print("|---|---|---|---|---|")
+    for cap in (preset.per_site_cap, None):
+        for fit_exponent in (False, True):
+            laws, site_laws, _ = fit_laws(fit_passes, trials, targets, names, preset.per_site_weight, fit_exponent)
+            if cap is not None:
+                site_laws = cap_site_laws(site_laws, fit_passes, trials, targets, cap)[0]
+            within = cells = 0
+            for phase in ("prefill", "decode"):
+                chosen = [site_laws[name][phase] for name in names]
+                label = (f"p = {laws[phase].p:.2f}" if fit_exponent else "p = 1") + (f", cap {cap:g}" if cap else "")
+                for target in TARGETS:
+                    reached = achieved(heldout, trials_of(heldout_run), chosen, phase, target)
+                    close = [abs(s - target) <= 0.05 for s in reached.values()]
+                    within, cells = within + sum(close), cells + len(close)
+                    row = ", ".join(f"{b // 1024}k {100 * s:.1f} %" for b, s in reached.items())
+                    print(f"| {label} | {phase} | {target} | {row} | {sum(close)}/{len(close)} |")
+            print(f"| **{within} of {cells} cells within ±5 points** | | | | |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a bench/accuracy.py JSON with calibration passes")
+    parser.add_argument("--heldout", help="passes measured on held-out samples: also print their per-bin sparsity")
     args = parser.parse_args()
     run, log_trials, passes = load(args.run)
+    if args.heldout:
+        heldout_run, _, heldout = load(args.heldout)
+        heldout_table(run, passes, heldout_run, heldout)
+        return
     site_laws = run["calibration"]["site_laws"]
     print("| phase | target | sf = λ·L each bin needs (median over passes) | λ_needed ∝ L^−p | saved laws reach, per bin |")
     print("|---|---|---|---|---|")
     for phase in ("prefill", "decode"):
-        laws = {i: (law[phase]["a"], law[phase]["b"]) for i, law in enumerate(site_laws.values())} if site_laws else \
-            {i: (run["calibration"]["laws"][phase]["a"], run["calibration"]["laws"][phase]["b"])
-             for i in range(len(passes[0]["valid"]))}
+        laws = [LawFit(**law[phase]) for law in site_laws.values()] if site_laws else \
+            [LawFit(**run["calibration"]["laws"][phase])] * len(passes[0]["valid"])
         for target in TARGETS:
             by_bin: dict[int, list[tuple[float, float]]] = {}
             for p in passes:
@@ -81,7 +127,7 @@ def main() -> None:
             medians = {b: (np.median([x for x, _ in v]), np.median([l for _, l in v])) for b, v in sorted(by_bin.items())}
             sf = ", ".join(f"{b // 1024}k {math.exp(x + l):.3g}" for b, (x, l) in medians.items())
             p_exp = -np.polyfit([l for _, l in medians.values()], [x for x, _ in medians.values()], 1)[0]
-            reach = ", ".join(f"{b // 1024}k {100 * s:.0f} %" for b, s in achieved(passes, log_trials, laws, phase, target).items())
+            reach = ", ".join(f"{b // 1024}k {100 * s:.0f} %" for b, s in achieved(passes, run["calibration"]["trials"], laws, phase, target).items())
             print(f"| {phase} | {target} | {sf} | p = {p_exp:.2f} | {reach} |")
 
 

@@ -17,12 +17,13 @@ sites' settings in ``config.json`` under two keys::
         "sites": {"model.layers.1.self_attn": {"method": ..., "br": 128, "bc": 128, "backend": "auto",
                   "collect_stats": true, "enable": true,
                   "threshold": {"prefill": 1e-3, "decode": 1e-4},
-                  "law": {"prefill": {"a": .., "b": .., "target": 0.5}} | null}}}
+                  "law": {"prefill": {"a": .., "b": .., "p": .., "target": 0.5}} | null}}}
 
 A phase without a calibrated law has ``a = b = 0`` and target 0 in the group (λ = 0: dense for a
 reader that only knows the law); its fixed λ is in the fxsparse record. When sites were calibrated
-one law each, the group carries the law of the median site (by λ·L at its target) and the exact
-laws stay in the fxsparse record.
+one law each, the group carries the law of the median site (by λ at its target) and the exact
+laws stay in the fxsparse record. The group's formula is Model Optimizer's λ = sf/L; a law fitted with
+another length exponent p (λ = a·exp(b·S)/L^p) goes there as the 1/L law equal to it at 4096 tokens.
 
 ``recorded_sparsity(model.config)`` reads either key back (the fxsparse record wins) into a
 ``RecordedSparsity``: ``.config`` rebuilds the sites, ``.apply(sites)`` restores laws and thresholds.
@@ -48,6 +49,7 @@ from .sites import SparseSite, sites_of
 SPARSE_ATTENTION_KEY = "sparse_attention_config"
 FXSPARSE_KEY = "fxsparse_sparse_attention"
 FORMULA = "a * exp(b * target_sparsity)"
+REFERENCE_LENGTH = 4096  # where the group's 1/L law equals a fitted L^-p law: mid-range of the usual 1k-8k calibration
 _DEFAULT_THRESHOLD = SKIP_SOFTMAX_DEFAULT["sparse_cfg"]["*attn*"]["threshold"]
 _CREATION_FIELDS = ("method", "br", "bc", "backend", "collect_stats")  # fixed when a site is created
 
@@ -168,10 +170,15 @@ def sparse_attention_config(
 
 
 def _group_law(laws: list[Mapping[str, float]]) -> dict[str, float]:
-    """One law for the group: the median site's (by scale factor at its target); zeros when none."""
+    """One law for the group: the median site's (by λ at its target and ``REFERENCE_LENGTH``); zeros when none.
+
+    The group's formula has λ = sf/L (p = 1); a law with another length exponent p is written there exact at
+    ``REFERENCE_LENGTH`` (a·L0^(1−p)), and exact at every length in the fxsparse record."""
     if not laws:
         return {"a": 0.0, "b": 0.0, "target": 0.0}
-    ranked = sorted(laws, key=lambda law: law["a"] * math.exp(law["b"] * law["target"]))
+    as_one_over_l = [{"a": law["a"] * REFERENCE_LENGTH ** (1.0 - law.get("p", 1.0)), "b": law["b"],
+                      "target": law["target"]} for law in laws]
+    ranked = sorted(as_one_over_l, key=lambda law: law["a"] * math.exp(law["b"] * law["target"]))
     return {key: float(ranked[(len(ranked) - 1) // 2][key]) for key in ("a", "b", "target")}
 
 
@@ -321,5 +328,5 @@ def _write(site: SparseSite, threshold: Mapping[str, float], law: Mapping[str, M
     site.set_threshold(dict(threshold))  # also clears any previous law
     if law:
         targets = {phase: float(law[phase]["target"]) if phase in law else 0.0 for phase in PHASES}
-        site.set_law({phase: {"a": v["a"], "b": v["b"]} for phase, v in law.items()}, targets)
+        site.set_law({phase: {"a": v["a"], "b": v["b"], "p": v.get("p", 1.0)} for phase, v in law.items()}, targets)
     site.set_enabled(bool(enable))

@@ -15,7 +15,7 @@ from calibration_fixtures import essays, essays_folder, private_cache, tokenizer
 from fxsparse.calibration.calibrate import cap_site_laws, fit_laws
 from fxsparse.calibration.fit import tiles_skipped
 from fxsparse.calibration.measure import Recorder, run_sample, trial_grid
-from fxsparse.ops.threshold import A, B, TARGET, make_threshold_state
+from fxsparse.ops.threshold import A, B, P, TARGET, make_threshold_state
 from fxsparse.sites import PHASE_ROWS
 from sparse_llama import tiny_llama
 from test_hf_checkpoint import save_tiny_llama
@@ -83,19 +83,23 @@ def test_measuring_a_model_counts_like_per_threshold_runs(tokenizer):
 
 def test_calibrate_writes_laws_and_reports_them(tokenizer, essays):
     model = tiny_llama(vocab=len(tokenizer), br=32, bc=32, sharpness=8.0)
-    result = fxsparse.calibrate(model, _config(essays, per_site=False), tokenizer=tokenizer, trials=TRIALS)
+    config = _config(essays, per_site=False, fit_length_exponent=True)  # samples of 1k and 2k tokens: p is fitted
+    result = fxsparse.calibrate(model, config, tokenizer=tokenizer, trials=TRIALS)
     for phase in ("prefill", "decode"):
         law = result.laws[phase]
         assert law is not None and law.a > 0 and law.b > 0 and 0.0 <= law.r2 <= 1.0
+        assert law.p != 1.0 and 0.0 <= law.p <= 4.0
     for site in fxsparse.sites_of(model).values():
         state = site.threshold_state
         for phase, row in PHASE_ROWS.items():
             assert float(state[row, A]) == pytest.approx(result.laws[phase].a, rel=1e-6)
             assert float(state[row, B]) == pytest.approx(result.laws[phase].b, rel=1e-6)
+            assert float(state[row, P]) == pytest.approx(result.laws[phase].p, rel=1e-6)
             assert float(state[row, TARGET]) == pytest.approx(0.5)
         assert site.stats.shape == (2, 2) and site.trial_thresholds.numel() == 0  # measuring mode left
     text = result.format()
     assert f"{result.laws['prefill'].a:.4g}" in text and f"{result.laws['decode'].b:.3f}" in text
+    assert f"{result.laws['prefill'].p:.3f}" in text
     assert "held-out" in text and f"{result.seconds:.1f} s" in text
     assert result.num_samples == 4
     assert {(row.phase, row.bin) for row in result.heldout} == {(p, b) for p in ("prefill", "decode") for b in (2048, 1024)}

@@ -18,7 +18,8 @@ def test_fit_recovers_a_and_b_from_synthetic_points():
     sf = a * np.exp(b * sparsity) * np.exp(rng.normal(0.0, 0.05, sparsity.size))
     outside = (sparsity < 0.1) | (sparsity > 0.9)
     sf[outside] *= 50.0  # points outside [0.1, 0.9] are garbage and must be ignored
-    law = fit_law(sf, sparsity)
+    law = fit_law(sf / 1000, np.full(sf.shape, 1000.0), sparsity)  # one length: the 1/L law
+    assert law.p == 1.0
     assert law.a == pytest.approx(a, rel=0.05)
     assert law.b == pytest.approx(b, rel=0.02)
     assert law.r2 > 0.99
@@ -30,9 +31,25 @@ def test_fit_recovers_a_and_b_from_synthetic_points():
 
 def test_fit_recovers_exactly_without_noise():
     sparsity = np.linspace(0.12, 0.88, 20)
-    law = fit_law(0.02 * np.exp(12.0 * sparsity), sparsity)
+    law = fit_law(0.02 * np.exp(12.0 * sparsity), np.ones(20), sparsity)
     assert law.a == pytest.approx(0.02, rel=1e-9) and law.b == pytest.approx(12.0, rel=1e-9)
     assert law.r2 == pytest.approx(1.0)
+
+
+def test_fit_recovers_the_length_exponent_across_lengths():
+    rng = np.random.default_rng(1)
+    a, b, p = 40.0, 10.0, 2.2
+    sparsity = rng.uniform(0.1, 0.9, 600)
+    kv_len = rng.choice([1024.0, 2048.0, 4096.0, 8192.0], sparsity.size)
+    thresholds = a * np.exp(b * sparsity) / kv_len**p * np.exp(rng.normal(0.0, 0.05, sparsity.size))
+    law = fit_law(thresholds, kv_len, sparsity)
+    assert (law.a, law.b, law.p) == pytest.approx((a, b, p), rel=0.03)
+    assert law.threshold(0.5, 4096) == pytest.approx(a * np.exp(b * 0.5) / 4096**p, rel=0.05)
+    assert law.r2 > 0.99  # of ln(λ·L^p) on S: the lengths' spread does not inflate it
+    # a site's fit keeps the exponent it is given; the 1/L law misses the spread across lengths
+    fixed = fit_law(thresholds, kv_len, sparsity, exponent=1.0)
+    assert fixed.p == 1.0 and fixed.r2 < 0.9
+    assert fit_law(thresholds, kv_len, sparsity, exponent=p).b == pytest.approx(b, rel=0.02)
 
 
 def test_pooled_law_interpolates_log_scale_factors():
@@ -50,10 +67,11 @@ def test_pooled_law_interpolates_log_scale_factors():
 
 
 def test_fit_refuses_unusable_points():
-    assert fit_law(np.zeros(0), np.zeros(0)) is None
-    assert fit_law(np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.05, 0.95])) is None  # none in range
-    assert fit_law(np.array([1.0, 2.0, 3.0]), np.array([0.5, 0.5, 0.5])) is None  # no spread
-    assert fit_law(np.array([3.0, 2.0, 1.0]), np.array([0.2, 0.5, 0.8])) is None  # falling: not a law
+    ones = np.ones(3)
+    assert fit_law(np.zeros(0), np.zeros(0), np.zeros(0)) is None
+    assert fit_law(np.array([1.0, 2.0, 3.0]), ones, np.array([0.0, 0.05, 0.95])) is None  # none in range
+    assert fit_law(np.array([1.0, 2.0, 3.0]), ones, np.array([0.5, 0.5, 0.5])) is None  # no spread
+    assert fit_law(np.array([3.0, 2.0, 1.0]), ones, np.array([0.2, 0.5, 0.8])) is None  # falling: not a law
 
 
 def _pass(phase, sample, kv_len, valid, skipped):
@@ -66,12 +84,12 @@ def test_law_points_global_and_per_site():
         _pass("prefill", 0, 1000.0, [10, 30], [[1, 5], [3, 15]]),
         _pass("decode", 0, 1001.0, [4, 4], [[0, 4], [2, 4]]),
     ]
-    sf, s = law_points(passes, "prefill", trials)
-    assert np.allclose(sf, [10.0, 100.0]) and np.allclose(s, [4 / 40, 20 / 40])
-    sf, s = law_points(passes, "prefill", trials, site=0)
+    lam, kv_len, s = law_points(passes, "prefill", trials)
+    assert np.allclose(lam, trials) and np.allclose(kv_len, 1000.0) and np.allclose(s, [4 / 40, 20 / 40])
+    _, _, s = law_points(passes, "prefill", trials, site=0)
     assert np.allclose(s, [0.1, 0.5])
-    sf, s = law_points(passes, "decode", trials, site=1)
-    assert np.allclose(sf, [10.01, 100.1]) and np.allclose(s, [0.5, 1.0])
+    lam, kv_len, s = law_points(passes, "decode", trials, site=1)
+    assert np.allclose(kv_len, 1001.0) and np.allclose(s, [0.5, 1.0])
 
 
 def test_merge_decode_sums_steps_per_sample():
@@ -173,3 +191,28 @@ def test_cap_holds_easy_sites_at_the_cap_and_the_mean_at_the_target():
     assert capped["prefill"] == [] and len({loose[name]["prefill"].a for name in names}) == 1
     skipped, valid = _reached(passes, trials, [loose[name]["prefill"] for name in names], target)
     assert skipped.sum() / valid.sum() == pytest.approx(target, abs=2e-3)
+
+
+def test_fit_laws_share_the_model_wide_length_exponent():
+    from fxsparse.calibration.calibrate import fit_laws
+
+    trials = np.logspace(-9, 1, 40)
+    passes = []
+    for sample, kv_len in enumerate((1024.0, 2048.0, 4096.0, 8192.0)):
+        # sparsity grows with ln(λ·L²): the λ a target needs falls like 1/L², site 1 a little later than site 0
+        share = np.stack([np.clip((np.log(trials * kv_len**2) - shift) / 12.0, 0.0, 0.95) for shift in (0.0, 1.0)])
+        valid = np.array([400, 400])
+        for phase in ("prefill", "decode"):
+            passes.append(Pass(phase, sample, kv_len, valid, np.round(share * 400)))
+    targets = {"prefill": 0.5, "decode": 0.5}
+    laws, site_laws, _ = fit_laws(passes, trials, targets, ["a", "b"], fit_exponent=True)
+    assert laws["prefill"].p == pytest.approx(2.0, abs=0.05)
+    assert {site_laws[name][phase].p for name in "ab" for phase in targets} == {laws["prefill"].p, laws["decode"].p}
+    for kv_len in (1024, 8192):  # the fitted law reaches the target at every length; the 1/L law cannot
+        assert tiles_skipped([p for p in passes if p.kv_len == kv_len], "prefill", trials, [laws["prefill"]] * 2,
+                             0.5)[0].sum() / 800 == pytest.approx(0.5, abs=0.03)
+    one_over_l, _, _ = fit_laws(passes, trials, targets, fit_exponent=False)
+    assert one_over_l["prefill"].p == 1.0
+    reached = [tiles_skipped([p for p in passes if p.kv_len == kv_len], "prefill", trials, [one_over_l["prefill"]] * 2,
+                             0.5)[0].sum() / 800 for kv_len in (1024, 8192)]
+    assert reached[1] - reached[0] > 0.15  # ln 8 / 12 = 0.17 apart

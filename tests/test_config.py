@@ -63,6 +63,10 @@ BAD_CONFIGS = {
         {"sparse_cfg": {"calibration": {"per_site_weight": 1.5}}},
         r"calibration.per_site_weight must be in \[0.0, 1.0\], got 1.5",
     ),
+    "length_exponent_not_flag": (
+        {"sparse_cfg": {"calibration": {"fit_length_exponent": "yes"}}},
+        r"calibration.fit_length_exponent must be True or False",
+    ),
     "site_cap_below_one": (  # a cap under the target could not keep the mean at the target
         {"sparse_cfg": {"calibration": {"per_site_cap": 0.9}}},
         r"calibration.per_site_cap must be in \[1.0, 10.0\], got 0.9",

@@ -314,7 +314,7 @@ def test_error_and_sparsity_grow_with_threshold():
     assert errors == sorted(errors) and errors[0] < errors[-1]
 
 
-LAW = {"prefill": {"a": 0.5, "b": 5.0}, "decode": {"a": 2.0, "b": 3.0}}
+LAW = {"prefill": {"a": 12.0, "b": 5.0, "p": 1.6}, "decode": {"a": 2.0, "b": 3.0}}  # decode: p = 1 by default
 TARGET = {"prefill": 0.5, "decode": 0.8}
 
 
@@ -326,13 +326,13 @@ def test_calibrated_law_equals_fixed_threshold(phase, query_len):
     state = make_threshold_state(5.0, law=LAW, target=TARGET)
     law_out, law_stats = run_op(q, k, v, state)
 
-    expected_lam = LAW[phase]["a"] * math.exp(LAW[phase]["b"] * TARGET[phase]) / kv_len
+    expected_lam = LAW[phase]["a"] * math.exp(LAW[phase]["b"] * TARGET[phase]) / kv_len ** LAW[phase].get("p", 1.0)
     fixed_out, fixed_stats = run_op(q, k, v, expected_lam)
     assert torch.equal(law_stats, fixed_stats)
     torch.testing.assert_close(law_out, fixed_out, rtol=0, atol=1e-12)
     # the test can tell phases apart: the other phase's λ skips a different number of tiles
     other = "decode" if phase == "prefill" else "prefill"
-    other_lam = LAW[other]["a"] * math.exp(LAW[other]["b"] * TARGET[other]) / kv_len
+    other_lam = LAW[other]["a"] * math.exp(LAW[other]["b"] * TARGET[other]) / kv_len ** LAW[other].get("p", 1.0)
     assert not torch.equal(run_op(q, k, v, other_lam)[1], fixed_stats)
 
 
@@ -498,7 +498,7 @@ BAD_INPUTS = {
     "negative_threshold": (lambda c: {"threshold": -0.1}, "λ >= 0"),
     "nan_threshold": (lambda c: {"threshold": float("nan")}, "λ >= 0"),
     "threshold_missing_phase": (lambda c: {"threshold": {"prefill": 0.1}}, "'prefill' and 'decode'"),
-    "threshold_state_shape": (lambda c: {"threshold": torch.zeros(2, 4)}, r"shape \(2, 5\)"),
+    "threshold_state_shape": (lambda c: {"threshold": torch.zeros(2, 5)}, r"shape \(2, 6\)"),  # the layout before p
     "br_zero": (lambda c: {"br": 0}, "br must be a positive power of two"),
     "br_not_power_of_two": (lambda c: {"br": 24}, "br must be a positive power of two"),
     "bc_negative": (lambda c: {"bc": -16}, "bc must be a positive power of two"),

@@ -263,7 +263,7 @@ def test_counting_matches_reference(lq):
 @here
 def test_threshold_state_law_and_disable_are_read_in_kernel():
     q, k, v = _inputs(1, 2, 1, 48, 48, 16, torch.float32, seed=14)
-    law = make_threshold_state(0.0, law={"prefill": {"a": 40.0, "b": 2.0}, "decode": {"a": 1.0, "b": 1.0}},
+    law = make_threshold_state(0.0, law={"prefill": {"a": 280.0, "b": 2.0, "p": 1.5}, "decode": {"a": 1.0, "b": 1.0}},
                                target=0.6, device=DEVICE)
     compare(q, k, v, lam=0.0, causal=True)  # sanity
     for state in (law, make_threshold_state(5.0, enabled=False, device=DEVICE)):

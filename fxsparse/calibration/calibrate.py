@@ -47,8 +47,8 @@ def _enabled_sites(model: nn.Module) -> dict[str, SparseSite]:
     return sites
 
 
-def _fit_phase(passes, phase, trials, target, site=None, name="") -> tuple[LawFit | None, list[str]]:
-    law = fit_law(*law_points(passes, phase, trials, site))
+def _fit_phase(passes, phase, trials, target, site=None, name="", exponent=None) -> tuple[LawFit | None, list[str]]:
+    law = fit_law(*law_points(passes, phase, trials, site), exponent=exponent)
     where = f" ({name})" if name else ""
     if law is None:
         return None, [f"{phase}{where}: too few measured points with sparsity in [0.1, 0.9] to fit a law"]
@@ -59,22 +59,24 @@ def _fit_phase(passes, phase, trials, target, site=None, name="") -> tuple[LawFi
     return law, warnings
 
 
-def fit_laws(passes, trials, targets, per_site_names=None, site_weight=1.0):
+def fit_laws(passes, trials, targets, per_site_names=None, site_weight=1.0, fit_exponent=False):
     """The model-wide law per phase and, given ``per_site_names`` (in site order), a law per site.
 
     A site's law is its own fit pooled toward the model-wide law with ``site_weight`` (1: its own fit;
-    ``LawFit.pooled_toward``); a site whose own points cannot fix a law gets the model-wide law.
+    ``LawFit.pooled_toward``); a site whose own points cannot fix a law gets the model-wide law. The
+    length exponent p is fitted model-wide with ``fit_exponent`` (else p = 1) and shared by the sites.
     Returns ``(laws, site_laws, warnings)``.
     """
     laws, warnings = {}, []
     for phase in PHASE_ROWS:
-        laws[phase], notes = _fit_phase(passes, phase, trials, targets[phase])
+        laws[phase], notes = _fit_phase(passes, phase, trials, targets[phase], exponent=None if fit_exponent else 1.0)
         warnings += notes
     site_laws: dict[str, dict[str, LawFit]] = {}
     for index, name in enumerate(per_site_names or []):
         own = {}
         for phase in PHASE_ROWS:
-            law, notes = _fit_phase(passes, phase, trials, targets[phase], site=index, name=name)
+            shared = laws[phase].p if laws[phase] is not None else None  # the model-wide length exponent
+            law, notes = _fit_phase(passes, phase, trials, targets[phase], site=index, name=name, exponent=shared)
             if law is not None and laws[phase] is not None:
                 law = law.pooled_toward(laws[phase], site_weight)
             own[phase] = law if law is not None else laws[phase]
@@ -132,7 +134,7 @@ def write_laws(sites, laws, site_laws, targets) -> None:
     """Write each site's law (its own when in ``site_laws``, else the model-wide one) and the targets."""
     for name, site in sites.items():
         chosen = site_laws.get(name, laws)
-        law = {phase: {"a": fit.a, "b": fit.b} for phase, fit in chosen.items() if fit is not None}
+        law = {phase: {"a": fit.a, "b": fit.b, "p": fit.p} for phase, fit in chosen.items() if fit is not None}
         site.set_law(law, targets)
 
 
@@ -198,7 +200,7 @@ def calibrate(
     tokenizer=None,
     trials: torch.Tensor | None = None,
 ) -> CalibrationResult:
-    """Fit ``λ = a·exp(b·S)/L`` per phase (and per site when ``per_site``, capped with ``per_site_cap``)
+    """Fit ``λ = a·exp(b·S)/L^p`` per phase (and per site when ``per_site``, capped with ``per_site_cap``)
     and write it into the sites.
 
     Args:
@@ -243,7 +245,7 @@ def calibrate(
 
     # -- convert: fit, write the buffers, check on held-out samples --
     laws, site_laws, warnings = fit_laws(passes, trial_values, targets, list(sites) if cfg.per_site else None,
-                                         cfg.per_site_weight)
+                                         cfg.per_site_weight, cfg.fit_length_exponent)
     cap = cfg.per_site_cap if cfg.per_site else None
     capped = {}
     if cap is not None:

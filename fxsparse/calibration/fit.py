@@ -1,12 +1,16 @@
-"""Fit of the threshold law ``sf = λ·L = a·exp(b·S)`` from measured (λ, L, S) points.
+"""Fit of the threshold law ``λ = a·exp(b·S) / L^p`` from measured (λ, L, S) points.
 
-Every measured pass gives, for each trial λ_t, a point ``(sf = λ_t·Lk, S = skipped_t / valid)``.
-Points with S in [0.1, 0.9] are fitted by least squares of ``ln sf = ln a + b·S``; the law then
-sets ``λ = a·exp(b·S_target) / Lk`` at run time::
+Every measured pass gives, for each trial λ_t, a point ``(λ_t, Lk, S = skipped_t / valid)``. Points
+with S in [0.1, 0.9] are fitted by least squares of ``ln λ = ln a + b·S − p·ln Lk``; the law then sets
+``λ = a·exp(b·S_target) / Lk^p`` at run time::
 
-    sf, s = law_points(passes, "prefill", trials)
-    law = fit_law(sf, s)           # LawFit(a, b, r2, points, observed_min, observed_max)
+    lam, kv_len, s = law_points(passes, "prefill", trials)
+    law = fit_law(lam, kv_len, s)          # LawFit(a, b, r2, points, observed_min, observed_max, p)
     law.threshold(0.5, kv_len=4096)
+
+Model Optimizer's law fixes p = 1 (one scale factor sf = λ·L at every length). On SmolLM2 the λ a
+target needs falls faster, like L^−1.8…−2.5 (bench/ACCURACY.md), so the model-wide fit frees p when the
+points span lengths; a site's fit keeps the model-wide p (``exponent=``), its own points being few.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ FIT_RANGE = (0.1, 0.9)
 
 @dataclass(frozen=True)
 class LawFit:
-    """``sf = a·exp(b·S)`` with its goodness of fit and the sparsity range the data covered."""
+    """``λ = a·exp(b·S) / L^p`` with its goodness of fit and the sparsity range the data covered.
+
+    ``r2`` is that of ln(λ·L^p) on S; ``p`` = 1 is Model Optimizer's law (sf = λ·L = a·exp(b·S)).
+    """
 
     a: float
     b: float
@@ -32,12 +39,14 @@ class LawFit:
     points: int
     observed_min: float
     observed_max: float
+    p: float = 1.0
 
     def scale_factor(self, sparsity: float) -> float:
+        """a·exp(b·S): λ·L^p at every length."""
         return self.a * math.exp(self.b * sparsity)
 
-    def threshold(self, sparsity: float, kv_len: int) -> float:
-        return self.scale_factor(sparsity) / kv_len
+    def threshold(self, sparsity: float, kv_len: float) -> float:
+        return self.scale_factor(sparsity) / kv_len**self.p
 
     def covers(self, sparsity: float) -> bool:
         return self.observed_min <= sparsity <= self.observed_max
@@ -61,10 +70,10 @@ class LawFit:
 
 def law_points(
     passes: Sequence[Pass], phase: str, trials: Sequence[float], site: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(sf, S) for every pass of ``phase`` and trial; S over all sites, or over ``site`` only."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(λ, Lk, S) for every pass of ``phase`` and trial; S over all sites, or over ``site`` only."""
     trials = np.asarray(trials, dtype=np.float64)
-    sf, sparsity = [], []
+    thresholds, kv_len, sparsity = [], [], []
     for p in passes:
         if p.phase != phase:
             continue
@@ -72,15 +81,20 @@ def law_points(
         skipped = p.skipped.sum(0) if site is None else p.skipped[site]
         if valid <= 0:
             continue
-        sf.append(trials * p.kv_len)
+        thresholds.append(trials)
+        kv_len.append(np.full(trials.shape, float(p.kv_len)))
         sparsity.append(skipped / valid)
-    if not sf:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate(sf), np.concatenate(sparsity)
+    if not thresholds:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    return np.concatenate(thresholds), np.concatenate(kv_len), np.concatenate(sparsity)
 
 
 def tiles_skipped(
-    passes: Sequence[Pass], phase: str, trials: Sequence[float], laws: Sequence[LawFit], target: float
+    passes: Sequence[Pass],
+    phase: str,
+    trials: Sequence[float],
+    laws: Sequence[LawFit],
+    target: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(skipped, valid) tiles per site, summed over the measured passes of ``phase``, had site i run
     ``laws[i]`` at ``target``. Each (pass, site) count is interpolated in ln λ between the trial
@@ -93,7 +107,8 @@ def tiles_skipped(
     kv_len = np.array([p.kv_len for p in chosen], dtype=np.float64)
     log_trials = np.log(np.asarray(trials, dtype=np.float64))
     log_sf = np.array([math.log(law.scale_factor(target)) for law in laws])
-    log_threshold = log_sf[None, :] - np.log(kv_len)[:, None]  # (P, N)
+    exponent = np.array([law.p for law in laws])
+    log_threshold = log_sf[None, :] - exponent[None, :] * np.log(kv_len)[:, None]  # (P, N)
     upper = np.clip(np.searchsorted(log_trials, log_threshold), 1, log_trials.size - 1)
     lower = upper - 1
     weight = np.clip((log_threshold - log_trials[lower]) / (log_trials[upper] - log_trials[lower]), 0.0, 1.0)
@@ -112,19 +127,35 @@ def solve_increasing(excess: Callable[[np.ndarray], np.ndarray], shape=(), bound
     return (low + high) / 2
 
 
-def fit_law(sf: np.ndarray, sparsity: np.ndarray, fit_range: tuple[float, float] = FIT_RANGE) -> LawFit | None:
-    """Least squares of ln sf on S over points with S in ``fit_range``; None when they cannot fix a law."""
-    sf, sparsity = np.asarray(sf, np.float64), np.asarray(sparsity, np.float64)
+def fit_law(
+    thresholds: np.ndarray,
+    kv_len: np.ndarray,
+    sparsity: np.ndarray,
+    exponent: float | None = None,
+    fit_range: tuple[float, float] = FIT_RANGE,
+) -> LawFit | None:
+    """Least squares of ln λ = ln a + b·S − p·ln Lk over points with S in ``fit_range``; None when they
+    cannot fix a law. ``exponent`` fixes p; without it p is fitted when the points span at least a factor 2
+    in length (else, or if the fitted p is outside [0, 4], p = 1)."""
+    thresholds, kv_len, sparsity = (np.asarray(x, np.float64) for x in (thresholds, kv_len, sparsity))
     if sparsity.size == 0:
         return None
-    keep = (sparsity >= fit_range[0]) & (sparsity <= fit_range[1]) & (sf > 0)
-    x, y = sparsity[keep], np.log(sf[keep])
+    keep = (sparsity >= fit_range[0]) & (sparsity <= fit_range[1]) & (thresholds > 0)
+    x, log_lam, log_len = sparsity[keep], np.log(thresholds[keep]), np.log(kv_len[keep])
     if x.size < 3 or np.ptp(x) < 1e-6:
         return None
+    if exponent is None:
+        exponent = 1.0
+        if np.ptp(log_len) >= math.log(2.0):
+            design = np.stack([np.ones_like(x), x, -log_len], axis=1)
+            fitted = float(np.linalg.lstsq(design, log_lam, rcond=None)[0][2])
+            exponent = fitted if 0.0 <= fitted <= 4.0 else 1.0
+    y = log_lam + exponent * log_len  # ln(λ·L^p) = ln a + b·S
     b, log_a = np.polyfit(x, y, 1)
     residual = y - (log_a + b * x)
     total = ((y - y.mean()) ** 2).sum()
     r2 = 1.0 - float((residual**2).sum() / total) if total > 0 else 0.0
     if not b > 0:
         return None  # sparsity must grow with the threshold; a flat or falling law is noise
-    return LawFit(float(math.exp(log_a)), float(b), r2, int(x.size), float(sparsity.min()), float(sparsity.max()))
+    return LawFit(float(math.exp(log_a)), float(b), r2, int(x.size), float(sparsity.min()), float(sparsity.max()),
+                  float(exponent))

@@ -82,14 +82,14 @@ class CalibrationResult:
                 mode += f", capped at {self.per_site_cap:g}x the target ({held} sites at the cap)"
         lines = [f"calibration: {self.num_samples} samples, {self.num_passes} measured passes, "
                  f"{len(self.trials)} trial thresholds, {mode}, {self.seconds:.1f} s",
-                 f"{'phase':<8} {'target':>6} {'a':>11} {'b':>8} {'R^2':>6} {'points':>6} {'observed S':>13}"]
+                 f"{'phase':<8} {'target':>6} {'a':>11} {'b':>8} {'p':>6} {'R^2':>6} {'points':>6} {'observed S':>13}"]
         for phase, law in self.laws.items():
             target = self.targets.get(phase, float("nan"))
             if law is None:
                 lines.append(f"{phase:<8} {target:>6.2f}  not calibrated (no usable points)")
                 continue
-            lines.append(f"{phase:<8} {target:>6.2f} {law.a:>11.4g} {law.b:>8.3f} {law.r2:>6.3f} {law.points:>6d} "
-                         f"{law.observed_min:>6.2f}-{law.observed_max:<6.2f}")
+            lines.append(f"{phase:<8} {target:>6.2f} {law.a:>11.4g} {law.b:>8.3f} {law.p:>6.3f} {law.r2:>6.3f} "
+                         f"{law.points:>6d} {law.observed_min:>6.2f}-{law.observed_max:<6.2f}")
         if self.site_laws:
             lines.append(f"per-site laws ({len(self.site_laws)} sites):")
             for site, laws in self.site_laws.items():

@@ -1,11 +1,12 @@
 """The threshold state: one small tensor per attention site that every backend reads on device.
 
-Layout, float32 of shape (2, 5): row 0 is prefill (Lq > 1), row 1 is decode (Lq == 1); columns::
+Layout, float32 of shape (2, 6): row 0 is prefill (Lq > 1), row 1 is decode (Lq == 1); columns::
 
-    ENABLED   THRESHOLD   A   B   TARGET
-      1.0       λ_fixed   a   b     S
+    ENABLED   THRESHOLD   A   B   TARGET   P
+      1.0       λ_fixed   a   b     S      p
 
-λ = 0 when ENABLED is 0; else a·exp(b·S)/Lk when a > 0 (the calibrated law), else λ_fixed.
+λ = 0 when ENABLED is 0; else a·exp(b·S)/Lk^p when a > 0 (the calibrated law), else λ_fixed. The length
+exponent p is 1 unless calibration fitted it (the 1/L of Model Optimizer's law).
 Kernels read the state from memory, so changing any entry never recompiles anything.
 """
 
@@ -17,8 +18,8 @@ from typing import Mapping
 import torch
 
 PREFILL, DECODE = 0, 1
-ENABLED, THRESHOLD, A, B, TARGET = range(5)
-STATE_SHAPE = (2, 5)
+ENABLED, THRESHOLD, A, B, TARGET, P = range(6)
+STATE_SHAPE = (2, 6)
 
 
 def phase_of(query_len: int) -> int:
@@ -42,17 +43,18 @@ def make_threshold_state(
     enabled: bool = True,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Build a (2, 5) state.
+    """Build a (2, 6) state.
 
     Args:
         threshold: fixed λ, one number or ``{"prefill": λp, "decode": λd}``.
-        law: calibrated ``{"prefill": {"a": .., "b": ..}, "decode": {...}}``; overrides ``threshold``
-            for phases whose ``a`` is positive.
+        law: calibrated ``{"prefill": {"a": .., "b": .., "p": ..}, "decode": {...}}`` (``p`` optional,
+            default 1); overrides ``threshold`` for phases whose ``a`` is positive.
         target: target sparsity S for the law.
         enabled: False makes every phase dense.
     """
     state = torch.zeros(STATE_SHAPE, dtype=torch.float32, device=device)
     state[:, ENABLED] = float(enabled)
+    state[:, P] = 1.0
     thresholds = _per_phase(threshold, "threshold")
     targets = _per_phase(target, "target")
     for phase, name in ((PREFILL, "prefill"), (DECODE, "decode")):
@@ -63,13 +65,15 @@ def make_threshold_state(
         if law is not None and name in law:
             state[phase, A] = float(law[name]["a"])
             state[phase, B] = float(law[name]["b"])
+            state[phase, P] = float(law[name].get("p", 1.0))
     return state
 
 
 def log_threshold(state: torch.Tensor, phase: int, kv_len: int) -> torch.Tensor:
     """ln λ for one phase as a 0-dim float32 tensor on the state's device (−inf means never skip)."""
     row = state[phase].float()
-    law = row[A] * torch.exp(row[B] * row[TARGET]) / kv_len
+    length_term = torch.pow(torch.full_like(row[P], float(kv_len)), row[P])  # exactly Lk when p = 1
+    law = row[A] * torch.exp(row[B] * row[TARGET]) / length_term
     lam = torch.where(row[A] > 0, law, row[THRESHOLD]) * row[ENABLED]
     return torch.log(lam)
 

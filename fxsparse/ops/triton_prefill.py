@@ -13,7 +13,7 @@ SPEC §4). Scores live in exp2 space (``qk · scale · log2 e``), so the vote co
                                  when SKIP_V_LOAD)        keep: the usual online-softmax step
 
 The same kernel counts (COUNT_MODE 1: the state's λ; 2: a vector of trial λ with a dense output, the
-calibration's measuring mode). λ is read from the (2, 5) threshold state in the kernel, never a constexpr:
+calibration's measuring mode). λ is read from the (2, 6) threshold state in the kernel, never a constexpr:
 each program picks at run time between the voting loop and a branch-free dense loop (λ = 0, and at most
 a count of valid tiles without an explicit mask), because the data-dependent skip branch costs the dense
 path ~16 % on H200 (the pipeliner cannot overlap across it). On Hopper, K and V tiles come through tensor
@@ -28,14 +28,18 @@ import triton.language as tl
 
 @triton.jit
 def log2_threshold(state_ptr, phase, kv_len):
-    """log2 λ of one phase from the (2, 5) state: ENABLED·(a > 0 ? a·exp(b·S)/Lk : THRESHOLD); −inf = never skip."""
-    row = state_ptr + phase * 5
+    """log2 λ of one phase from the (2, 6) state (ops/threshold.py): ENABLED·(a > 0 ? a·exp(b·S)/Lk^p : THRESHOLD);
+    −inf = never skip."""
+    row = state_ptr + phase * 6
     enabled = tl.load(row + 0).to(tl.float32)
     fixed = tl.load(row + 1).to(tl.float32)
     a = tl.load(row + 2).to(tl.float32)
     b = tl.load(row + 3).to(tl.float32)
     target = tl.load(row + 4).to(tl.float32)
-    law = a * tl.exp(b * target) / (kv_len * 1.0)
+    exponent = tl.load(row + 5).to(tl.float32)
+    length = kv_len * 1.0
+    length_term = tl.where(exponent == 1.0, length, tl.exp2(exponent * tl.log2(length)))  # exact for the 1/L law
+    law = a * tl.exp(b * target) / length_term
     lam = tl.where(a > 0, law, fixed) * enabled
     return tl.log2(lam)
 

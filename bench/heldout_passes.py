@@ -1,0 +1,49 @@
+"""Counting passes of the held-out samples of a SmolLM2 calibration, for ``bench/law_length.py --heldout``.
+
+Builds the same samples as ``fxsparse.calibrate`` with ``SKIP_SOFTMAX_CALIB``'s defaults (seed 1234,
+``--samples`` fitted + ``--heldout`` held out, up to ``--max-seqlen``), keeps the held-out ones, and runs
+them once in measuring mode (dense, every trial λ counted) on the CPU reference: any law's held-out
+sparsity can then be read off without running the model again. Counts equal the GPU counting kernel's::
+
+    PYTHONPATH=. python bench/heldout_passes.py --out bench/results/heldout_passes_cpu.json   # ~15 min, 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from bench.accuracy import PRESET, sparse_smollm2
+from fxsparse.calibration.measure import Recorder, merge_decode, run_sample, trial_grid
+from fxsparse.calibration.samples import build_samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=PRESET.samples)
+    parser.add_argument("--heldout", type=int, default=16)
+    parser.add_argument("--max-seqlen", type=int, default=PRESET.max_seqlen)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    model, tokenizer, sites = sparse_smollm2()
+    samples = build_samples(tokenizer, args.samples + args.heldout, args.max_seqlen, seed=PRESET.seed)[args.samples:]
+    trials = trial_grid()
+    out = {"trials": trials.tolist(), "args": vars(args), "samples": [{"bin": s.bin, "tokens": len(s.input_ids)}
+                                                                     for s in samples]}
+    model.eval()
+    with torch.no_grad(), Recorder(model, sites, trials) as recorder:
+        for index, sample in enumerate(samples):
+            start, recorder.sample = time.perf_counter(), index
+            run_sample(model, sample.input_ids, PRESET.chunk_size, PRESET.decode_steps)
+            print(f"sample {index} ({sample.bin} bin): {time.perf_counter() - start:.0f} s", flush=True)
+    out["passes"] = [{"phase": p.phase, "sample": p.sample, "kv_len": p.kv_len, "valid": p.valid.tolist(),
+                      "skipped": p.skipped.tolist()} for p in merge_decode(recorder.passes)]
+    with open(args.out, "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()
