@@ -169,7 +169,10 @@ class _GraphInputs:
 
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         fetch = [self.sources[node] for node in placeholders[len(example_inputs):]]
-        compiled = compile_fx(self.gm, example_inputs + [getattr(site, b) for site, b in fetch])
+        # AOT autograd's cache key misses the site buffers' shapes: it reused code compiled for an older (2, 5)
+        # threshold state. Inductor's own FX graph cache keys them correctly and still applies.
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            compiled = compile_fx(self.gm, example_inputs + [getattr(site, b) for site, b in fetch])
 
         shapes = [getattr(site, buffer).shape for site, buffer in fetch]
 
