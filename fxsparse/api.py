@@ -212,7 +212,7 @@ def set_threshold(model: nn.Module, threshold: float | Mapping[str, float], patt
 
 
 def set_target_sparsity(model: nn.Module, target: float | Mapping[str, float], pattern: str = "*") -> None:
-    """New target sparsity S for calibrated sites: λ = a·exp(b·S)/L, no recalibration."""
+    """New target sparsity S for calibrated sites: λ = a·exp(b·S)/L^p, no recalibration."""
     sites = _sites(model, pattern)
     uncalibrated = [site.name for site in sites if site.law() is None]
     if uncalibrated:
@@ -265,8 +265,9 @@ def _describe_threshold(info: dict) -> str:
     parts = []
     for phase in PHASE_ROWS:
         if phase in law:
-            p = law[phase]
-            parts.append(f"{phase[0]}: {p['a']:.3g}·exp({p['b']:.3g}·{p['target']:.2f})/L")
+            fit = law[phase]
+            length = "L" if fit["p"] == 1.0 else f"L^{fit['p']:.3g}"
+            parts.append(f"{phase[0]}: {fit['a']:.3g}·exp({fit['b']:.3g}·{fit['target']:.2f})/{length}")
         else:
             parts.append(f"{phase[0]}: λ={fixed[phase]:.3g}")
     return ", ".join(parts)

@@ -154,6 +154,9 @@ def test_calibration_section_runs_measuring_through_the_compiled_graph():
     # laws differ in length from site to site; the sparsity column still starts at the header's offset
     start = table[0].index("sparsity p / d")
     assert all(row[:start].rstrip().endswith(")/L") and row[start - 1] == " " != row[start] for row in table[1:])
+    first = next(iter(fxsparse.sites_of(model).values()))  # a law with a fitted length exponent says so
+    first.set_law({"prefill": {"a": 2.0, "b": 3.0, "p": 1.8}}, 0.6)
+    assert "p: 2·exp(3·0.60)/L^1.8" in fxsparse.summary(model, file=None).splitlines()[1]
 
 
 def test_seed_import_path_and_default_config():
