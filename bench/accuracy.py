@@ -164,17 +164,26 @@ def _kl_rows(model, sites, tokenizer, args, pairs, law_setters):
             yield row
 
 
-def _passes(saved_run: dict) -> list[Pass]:
-    """The measured passes of an earlier run's JSON."""
-    return [Pass(p["phase"], p["sample"], p["kv_len"], np.asarray(p["valid"]), np.asarray(p["skipped"]))
-            for p in saved_run["passes"]]
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    """What an earlier run's JSON holds for refitting: its measured passes, trial grid and targets."""
+
+    passes: list[Pass]
+    trials: list[float]
+    targets: dict[str, float]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SavedRun":
+        saved = json.loads(Path(path).read_text())
+        passes = [Pass(p["phase"], p["sample"], p["kv_len"], np.asarray(p["valid"]), np.asarray(p["skipped"]))
+                  for p in saved["passes"]]
+        return cls(passes, saved["calibration"]["trials"], saved["calibration"]["targets"])
 
 
-def _saved_laws(saved_run: dict, names: list[str]) -> tuple[dict, dict]:
+def _saved_laws(run: SavedRun, names: list[str]) -> tuple[dict, dict]:
     """(model-wide laws, the sites' own fits) refitted from an earlier run's measured passes; the fit is
     deterministic, so these are that run's fits whatever pooling or cap it then applied."""
-    saved = saved_run["calibration"]
-    laws, own, _ = fit_laws(_passes(saved_run), saved["trials"], saved["targets"], names)
+    laws, own, _ = fit_laws(run.passes, run.trials, run.targets, names)
     return laws, own
 
 
@@ -184,19 +193,16 @@ def _pooled(laws: dict, own: dict, weight: float) -> dict:
                    for phase, fit in fits.items()} for name, fits in own.items()}
 
 
-def _site_laws(saved_run: dict, laws: dict, own: dict, weight: float, cap: float | None = None) -> dict:
+def _site_laws(run: SavedRun, laws: dict, own: dict, weight: float, cap: float | None = None) -> dict:
     """The per-site laws ``calibrate`` writes with ``per_site_weight`` = weight and ``per_site_cap`` = cap."""
     pooled = _pooled(laws, own, weight)
-    if not cap:
-        return pooled
-    saved = saved_run["calibration"]
-    return cap_site_laws(pooled, _passes(saved_run), saved["trials"], saved["targets"], cap)[0]
+    return cap_site_laws(pooled, run.passes, run.trials, run.targets, cap)[0] if cap else pooled
 
 
-def preset_laws(saved_run: dict, names: list[str]) -> tuple[dict, dict]:
+def preset_laws(run: SavedRun, names: list[str]) -> tuple[dict, dict]:
     """(model-wide laws, per-site laws) of ``SKIP_SOFTMAX_CALIB``'s defaults, from an earlier run's passes."""
-    laws, own = _saved_laws(saved_run, names)
-    return laws, _site_laws(saved_run, laws, own, PRESET.per_site_weight, PRESET.per_site_cap)
+    laws, own = _saved_laws(run, names)
+    return laws, _site_laws(run, laws, own, PRESET.per_site_weight, PRESET.per_site_cap)
 
 
 def _spared(site_laws: dict, passes: list[Pass], trials: list[float], spare: str, target: float = 0.5) -> dict:
@@ -291,8 +297,7 @@ def main() -> None:
     results["niah"] = []
     laws_from = args.laws_from or args.niah_only
     if laws_from:
-        saved_run = json.loads(Path(laws_from).read_text())
-        saved = saved_run["calibration"]
+        saved_run = SavedRun.load(laws_from)
         results["laws_from"] = laws_from
         results["kl"] = []
         laws, own = _saved_laws(saved_run, list(sites))
@@ -300,7 +305,7 @@ def main() -> None:
         caps = [float(c) for c in args.caps.split(",")] if args.caps else [0.0]
         per_site_laws = {_law_name(w, c): _site_laws(saved_run, laws, own, w, c) for w in weights for c in caps}
         if args.spare:
-            per_site_laws = {f"{name} spare {args.spare}": _spared(fits, _passes(saved_run), saved["trials"], args.spare)
+            per_site_laws = {f"{name} spare {args.spare}": _spared(fits, saved_run.passes, saved_run.trials, args.spare)
                              for name, fits in per_site_laws.items()}
         setters = {name: functools.partial(write_laws, sites, laws, fits, 0.5) for name, fits in per_site_laws.items()}
         results["law"] = ", ".join(setters)

@@ -28,7 +28,7 @@ from fxsparse.ops import op as op_module
 from fxsparse.ops.reference import reference_attention
 from fxsparse.ops.threshold import DECODE, log_threshold
 
-from bench.accuracy import _kl_text, _pooled, _saved_laws, sparse_smollm2
+from bench.accuracy import SavedRun, _kl_text, _pooled, _saved_laws, sparse_smollm2
 
 
 class UnionCounter:
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer, sites = sparse_smollm2()
-    laws, own_fits = _saved_laws(json.loads(Path(args.laws_from).read_text()), list(sites))
+    laws, own_fits = _saved_laws(SavedRun.load(args.laws_from), list(sites))
     write_laws(sites, laws, _pooled(laws, own_fits, args.site_weight), 0.5)
     ids = _kl_text(tokenizer, args.length)[0].tolist()
     rows = []

@@ -16,9 +16,7 @@ on the kernels (``bench/test_decode.py``).
 from __future__ import annotations
 
 import functools
-import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +33,7 @@ LAWS_FROM = os.environ.get("LAWS_FROM", "bench/results/accuracy_gpu_calib_pooled
 def _models():
     """(HF sdpa model, the rewritten copy, its sites, tokenizer); the rewritten model holds the saved laws."""
     import fxsparse
-    from bench.accuracy import preset_laws
+    from bench.accuracy import SavedRun, preset_laws
     from fxsparse.assets import load_default_model
     from fxsparse.calibration.calibrate import write_laws
 
@@ -44,7 +42,7 @@ def _models():
     fxsparse.sparsify(rewritten, {"sparse_cfg": {"*attn*": {"backend": "triton", "br": 128, "bc": 128},
                                                  "default": {"enable": False}}})
     sites = fxsparse.sites_of(rewritten)
-    laws, site_laws = preset_laws(json.loads(Path(LAWS_FROM).read_text()), list(sites))
+    laws, site_laws = preset_laws(SavedRun.load(LAWS_FROM), list(sites))
     write_laws(sites, laws, site_laws, 0.5)
     return hf, rewritten, sites, tokenizer
 
