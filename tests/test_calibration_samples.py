@@ -28,7 +28,10 @@ def test_samples_spread_over_bins_and_tasks():
     assert Counter(b for b, _ in plan) == {b: 16 for b in bins}
     for size in bins:  # every bin sees every task
         assert {t for b, t in plan if b == size} == set(tasks)
-    assert assignment(3, bins, tasks) == [(8192, tasks[0]), (4096, tasks[0]), (2048, tasks[0])]
+    assert set(assignment(len(bins) * len(tasks), bins, tasks)) == {(b, t) for b in bins for t in tasks}
+    assert assignment(3, bins, tasks) == [(8192, tasks[0]), (4096, tasks[1]), (2048, tasks[2])]
+    heldout = plan[-8:]  # the held-out samples: the last ones, as many tasks as samples
+    assert len({t for _, t in heldout}) == 8 and Counter(b for b, _ in heldout) == {b: 2 for b in bins}
 
 
 def test_each_task_fits_its_bin_and_contains_its_answer(tokenizer, essays):

@@ -1,8 +1,9 @@
 """Calibration samples: RULER-style tasks tokenized with the model's tokenizer, fitted to length bins.
 
-Bins are powers of two down from ``max_seqlen`` to 1024 (8192 → 8192, 4096, 2048, 1024). Sample ``i``
-goes to bin ``i % len(bins)`` and task ``(i // len(bins)) % len(tasks)``, so both spread evenly. Each
-sample is the largest haystack whose prompt *and* answer tokens fit its bin::
+Bins are powers of two down from ``max_seqlen`` to 1024 (8192 → 8192, 4096, 2048, 1024). Consecutive
+samples cycle through the bins and, at the same time, through the tasks (``assignment``), so any run of
+samples, such as the held-out ones at the end, spreads over both. Each sample is the largest haystack
+whose prompt *and* answer tokens fit its bin::
 
     samples = build_samples(tokenizer, num_samples=16, max_seqlen=4096, seed=0)
     samples[0].input_ids, samples[0].answer, samples[0].bin
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from .tasks import TASKS, Corpus, RenderedTask
 logger = logging.getLogger(__name__)
 
 MIN_BIN = 1024
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tasks cycle with the bins (1: tasks advanced once per round of bins)
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,14 @@ def length_bins(max_seqlen: int) -> list[int]:
 
 
 def assignment(num_samples: int, bins: Sequence[int], tasks: Sequence[str]) -> list[tuple[int, str]]:
-    """(bin, task) of each sample: round-robin over bins, and over tasks within each bin."""
-    return [(bins[i % len(bins)], tasks[(i // len(bins)) % len(tasks)]) for i in range(num_samples)]
+    """(bin, task) of each sample: sample ``i`` takes bin ``i mod B`` and task ``(i + ⌊i / lcm(B, T)⌋) mod T``.
+
+    Both cycle with ``i``, so every run of consecutive samples covers as many tasks as it can; this matters
+    for the held-out samples, the last few, which must look like the fit's (tasks differ in sparsity by
+    tens of points). The task shift after each lcm(B, T) samples pairs every task with every bin.
+    """
+    period = math.lcm(len(bins), len(tasks))
+    return [(bins[i % len(bins)], tasks[(i + i // period) % len(tasks)]) for i in range(num_samples)]
 
 
 # -- tokenization --
