@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import fnmatch
 import functools
+import itertools
 import json
 import logging
 import platform
@@ -45,12 +46,12 @@ import torch
 import fxsparse
 from fxsparse.api import COMPILER_ATTRIBUTE
 from fxsparse.assets import essays_dir, load_default_model
-from fxsparse.calibration.calibrate import cap_site_laws, fit_laws, heldout_check, write_laws
+from fxsparse.calibration.calibrate import FittedLaws, heldout_check, laws_from_passes, write_laws
 from fxsparse.calibration.fit import solve_increasing, tiles_skipped
 from fxsparse.calibration.measure import Pass, cache_kwargs, run_sample, sparsity_by_phase
 from fxsparse.calibration.samples import Sample, build_samples, length_bins
 from fxsparse.calibration.tasks import Corpus
-from fxsparse.config import SKIP_SOFTMAX_CALIB, SparseAttentionConfig
+from fxsparse.config import SKIP_SOFTMAX_CALIB, CalibrationConfig, SparseAttentionConfig
 
 PRESET = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_CALIB).calibration
 NIAH_SEED = 4321
@@ -149,6 +150,23 @@ def _niah(model, tokenizer, sites, lengths, prompts, pairs, dense=True, law_sett
             yield {**row, "hits": hits, "depths": depths}
 
 
+def _heldout_rows(model, sites, tokenizer, args, done=()):
+    """Yields (target, rows of ``heldout_check``) for each of ``args.targets``, on the ``args.heldout`` samples
+    after the fit's ``args.samples``; ``done``: calibrate()'s own rows, at the preset's target."""
+    cfg = dataclasses.replace(PRESET, samples=args.samples, max_seqlen=args.max_seqlen, chunk_size=args.chunk_size,
+                              decode_steps=args.decode_steps, heldout_samples=args.heldout)
+    heldout = build_samples(tokenizer, args.samples + args.heldout, args.max_seqlen, seed=cfg.seed)[args.samples:]
+    preset = cfg.target_sparse_ratio.to_dict()
+    for target in [float(t) for t in args.targets.split(",") if t and args.heldout]:
+        if done and all(abs(t - target) < 1e-9 for t in preset.values()):
+            yield str(target), [vars(r) for r in done]  # calibrate() ran these samples at its own target
+            continue
+        _set_mode(sites, (target, target))
+        rows = heldout_check(model, sites, heldout, cfg, {"prefill": target, "decode": target})
+        logging.info("held-out %.1f: %s", target, [(r.phase, r.bin, round(r.achieved, 3)) for r in rows])
+        yield str(target), [vars(r) for r in rows]
+
+
 def _kl_rows(model, sites, tokenizer, args, pairs, law_setters):
     """Yields KL vs dense and achieved sparsity per (law, target pair); law_setters: name → writes that law."""
     ids = _kl_text(tokenizer, args.kl_length).to(args.device)
@@ -173,36 +191,33 @@ class SavedRun:
     targets: dict[str, float]
 
     @classmethod
-    def load(cls, path: str | Path) -> "SavedRun":
+    def load(cls, path: str | Path, samples: int | None = None) -> "SavedRun":
+        """A run of this script, or of ``bench/heldout_passes.py`` (then the targets are the preset's);
+        ``samples``: keep only the passes of samples below that index (the fit's, the rest held out)."""
         saved = json.loads(Path(path).read_text())
         passes = [Pass(p["phase"], p["sample"], p["kv_len"], np.asarray(p["valid"]), np.asarray(p["skipped"]))
-                  for p in saved["passes"]]
-        return cls(passes, saved["calibration"]["trials"], saved["calibration"]["targets"])
+                  for p in saved["passes"] if samples is None or p["sample"] < samples]
+        calibration = saved.get("calibration", {})
+        return cls(passes, calibration.get("trials", saved.get("trials")),
+                   calibration.get("targets", PRESET.target_sparse_ratio.to_dict()))
 
 
-def _saved_laws(run: SavedRun, names: list[str]) -> tuple[dict, dict]:
-    """(model-wide laws, the sites' own fits) refitted from an earlier run's measured passes; the fit is
-    deterministic, so these are that run's fits whatever pooling or cap it then applied."""
-    laws, own, _ = fit_laws(run.passes, run.trials, run.targets, names)
-    return laws, own
+def saved_laws(run: SavedRun, names: list[str], cfg: CalibrationConfig = PRESET) -> FittedLaws:
+    """The laws ``calibrate`` with ``cfg`` writes, refitted from an earlier run's measured passes (the fit is
+    deterministic: with that run's config, these are its laws)."""
+    return laws_from_passes(run.passes, run.trials, run.targets, names, cfg)
 
 
-def _pooled(laws: dict, own: dict, weight: float) -> dict:
-    """The sites' own fits pooled toward the model-wide law with ``weight`` (``LawFit.pooled_toward``)."""
-    return {name: {phase: fit.pooled_toward(laws[phase], weight) if laws.get(phase) else fit
-                   for phase, fit in fits.items()} for name, fits in own.items()}
-
-
-def _site_laws(run: SavedRun, laws: dict, own: dict, weight: float, cap: float | None = None) -> dict:
-    """The per-site laws ``calibrate`` writes with ``per_site_weight`` = weight and ``per_site_cap`` = cap."""
-    pooled = _pooled(laws, own, weight)
-    return cap_site_laws(pooled, run.passes, run.trials, run.targets, cap)[0] if cap else pooled
-
-
-def preset_laws(run: SavedRun, names: list[str]) -> tuple[dict, dict]:
-    """(model-wide laws, per-site laws) of ``SKIP_SOFTMAX_CALIB``'s defaults, from an earlier run's passes."""
-    laws, own = _saved_laws(run, names)
-    return laws, _site_laws(run, laws, own, PRESET.per_site_weight, PRESET.per_site_cap)
+def law_variants(weights, caps, exponents, matches) -> dict[str, CalibrationConfig]:
+    """``SKIP_SOFTMAX_CALIB``'s calibration with each combination of pooling weight, per-site cap (0: none),
+    length exponent and bin matching, by name."""
+    variants = {}
+    for weight, cap, exponent, match in itertools.product(weights, caps, exponents, matches):
+        name = {0.0: "global", 1.0: "per_site"}.get(weight, f"pooled {weight:g}") + (f" cap {cap:g}" if cap else "")
+        name += " p fitted" * bool(exponent) + " matched" * bool(match)
+        variants[name] = dataclasses.replace(PRESET, per_site_weight=weight, per_site_cap=cap or None,
+                                             fit_length_exponent=bool(exponent), match_length_bins=bool(match))
+    return variants
 
 
 def _spared(site_laws: dict, passes: list[Pass], trials: list[float], spare: str, target: float = 0.5) -> dict:
@@ -228,11 +243,6 @@ def _spared(site_laws: dict, passes: list[Pass], trials: list[float], spare: str
                  spared.sum(), scale, (~spared).sum(), np.exp(other_log), wanted)
     return {name: {**laws, "prefill": laws["prefill"].scaled(factor)}
             for (name, laws), factor in zip(site_laws.items(), factors)}
-
-
-def _law_name(weight: float, cap: float | None = None) -> str:
-    name = {0.0: "global", 1.0: "per_site"}.get(weight, f"pooled {weight:g}")
-    return f"{name} cap {cap:g}" if cap else name
 
 
 @contextlib.contextmanager
@@ -272,14 +282,22 @@ def main() -> None:
     parser.add_argument("--out", default="accuracy_results.json")
     parser.add_argument("--laws-from", help="reuse the laws of this earlier JSON (no calibration); run KL and NIAH")
     parser.add_argument("--niah-only", help="as --laws-from, but run only NIAH")
+    parser.add_argument("--fit-samples", type=int, help="with --laws-from/--niah-only: fit only the passes of the first "
+                             "this many samples (e.g. 64 of bench/heldout_passes.py's 80)")
     parser.add_argument("--site-weights", default="1,0",
                         help="with --laws-from/--niah-only: laws to compare, as weights of the per-site fit against the "
                              "model-wide law (1 = per-site, 0 = model-wide, between = pooled), e.g. 1,0.5,0")
     parser.add_argument("--spare", help="with --laws-from/--niah-only: PATTERN=FACTOR scales the prefill λ of the matching "
                              "sites and the others' by one factor that keeps the mean prefill sparsity (bench/ACCURACY.md)")
-    parser.add_argument("--caps", help="with --laws-from/--niah-only: per-site sparsity caps to compare, as multiples of "
-                             "the target 0.5 (calibration's per_site_cap; 0 = no cap), e.g. 0,1.15")
+    parser.add_argument("--caps", default="0", help="with --laws-from/--niah-only: per-site sparsity caps to compare, "
+                             "as multiples of the target 0.5 (calibration's per_site_cap; 0 = no cap), e.g. 0,1.15")
+    parser.add_argument("--exponents", default="0", help="with --laws-from/--niah-only: fit_length_exponent values to "
+                             "compare (0 = p = 1, 1 = fitted), e.g. 0,1")
+    parser.add_argument("--match", default="0", help="with --laws-from/--niah-only: match_length_bins values to compare, "
+                             "e.g. 0,1")
     parser.add_argument("--niah-dense", action="store_true", help="with --laws-from/--niah-only: also run dense NIAH")
+    parser.add_argument("--laws-from-heldout", action="store_true", help="with --laws-from/--niah-only: also run the "
+                             "held-out check (--heldout samples after --samples, at --targets) with the first law")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     results: dict = {"device": _device_name(args.device),
@@ -297,17 +315,19 @@ def main() -> None:
     results["niah"] = []
     laws_from = args.laws_from or args.niah_only
     if laws_from:
-        saved_run = SavedRun.load(laws_from)
+        saved_run = SavedRun.load(laws_from, args.fit_samples)
         results["laws_from"] = laws_from
         results["kl"] = []
-        laws, own = _saved_laws(saved_run, list(sites))
-        weights = [float(w) for w in args.site_weights.split(",")]
-        caps = [float(c) for c in args.caps.split(",")] if args.caps else [0.0]
-        per_site_laws = {_law_name(w, c): _site_laws(saved_run, laws, own, w, c) for w in weights for c in caps}
+        numbers = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
+        variants = law_variants(numbers(args.site_weights), numbers(args.caps), numbers(args.exponents),
+                                numbers(args.match))
+        fitted = {name: saved_laws(saved_run, list(sites), cfg) for name, cfg in variants.items()}
         if args.spare:
-            per_site_laws = {f"{name} spare {args.spare}": _spared(fits, saved_run.passes, saved_run.trials, args.spare)
-                             for name, fits in per_site_laws.items()}
-        setters = {name: functools.partial(write_laws, sites, laws, fits, 0.5) for name, fits in per_site_laws.items()}
+            fitted = {f"{name} spare {args.spare}": fits._replace(
+                site_laws=_spared(fits.site_laws, saved_run.passes, saved_run.trials, args.spare))
+                for name, fits in fitted.items()}
+        setters = {name: functools.partial(write_laws, sites, fits.laws, fits.site_laws, 0.5)
+                   for name, fits in fitted.items()}
         results["law"] = ", ".join(setters)
         if args.laws_from and args.kl_length > 0 and pairs:
             with _timed(seconds, "kl"):
@@ -316,6 +336,12 @@ def main() -> None:
                     save()
         niah_setters = setters if len(setters) > 1 else None  # one law: rows unlabelled, as before
         next(iter(setters.values()))()
+        results["heldout"] = {}
+        if args.laws_from_heldout:
+            with _timed(seconds, "heldout"):
+                for target, rows in _heldout_rows(model, sites, tokenizer, args):
+                    results["heldout"][target] = rows
+                    save()
         with _timed(seconds, "niah"):
             for row in _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, dense=args.niah_dense,
                              law_setters=niah_setters):
@@ -335,34 +361,24 @@ def main() -> None:
     logging.info("\n%s", calibration.format())
     save()
 
-    heldout = build_samples(tokenizer, args.samples + args.heldout, args.max_seqlen, seed=cfg.seed)[args.samples:]
     results["heldout"] = {}
-    cfg_targets = cfg.target_sparse_ratio.to_dict()
     with _timed(seconds, "heldout"):
-        for target in [float(t) for t in args.targets.split(",") if t]:
-            if calibration.heldout and all(abs(t - target) < 1e-9 for t in cfg_targets.values()):
-                # calibrate() already ran the held-out check at its own targets on the same samples
-                results["heldout"][str(target)] = [vars(r) for r in calibration.heldout]
-                continue
-            _set_mode(sites, (target, target))
-            rows = heldout_check(model, sites, heldout, cfg, {"prefill": target, "decode": target})
-            results["heldout"][str(target)] = [vars(r) for r in rows]
-            logging.info("held-out %.1f: %s", target, [(r.phase, r.bin, round(r.achieved, 3)) for r in rows])
+        for target, rows in _heldout_rows(model, sites, tokenizer, args, calibration.heldout):
+            results["heldout"][target] = rows
             save()
 
-    # -- the model-wide, per-site and pooled laws at the same target pairs: KL vs dense and achieved
-    #    sparsity on essay text (the sites' own fits refitted from the same passes) --
-    own_fits = fit_laws(calibration.passes, calibration.trials, cfg_targets, list(sites))[1]
+    cfg_targets = cfg.target_sparse_ratio.to_dict()
+    # -- the calibrated laws next to the same calibration with other pooling weights, per target pair: KL vs
+    #    dense and achieved sparsity on essay text (refitted from the same passes) --
     calibrated_site_laws = calibration.site_laws if cfg.per_site else {}
     results["kl"] = []
     if args.kl_length > 0 and pairs:
-        weights = dict.fromkeys([1.0, cfg.per_site_weight, 0.0])  # in order, once each
-        setters = {_law_name(w): functools.partial(write_laws, sites, calibration.laws,
-                                                   _pooled(calibration.laws, own_fits, w), cfg_targets)
-                   for w in weights}
-        if cfg.per_site and cfg.per_site_cap:  # the calibrated default, next to the uncapped laws
-            setters[_law_name(cfg.per_site_weight, cfg.per_site_cap)] = functools.partial(
-                write_laws, sites, calibration.laws, calibrated_site_laws, cfg_targets)
+        saved_run = SavedRun(calibration.passes, calibration.trials, cfg_targets)
+        variants = {"calibrated": cfg,
+                    **law_variants([1.0, 0.0], [0.0], [cfg.fit_length_exponent], [cfg.match_length_bins])}
+        fitted = {name: saved_laws(saved_run, list(sites), variant) for name, variant in variants.items()}
+        setters = {name: functools.partial(write_laws, sites, fits.laws, fits.site_laws, cfg_targets)
+                   for name, fits in fitted.items()}
         with _timed(seconds, "kl"):
             for row in _kl_rows(model, sites, tokenizer, args, pairs, setters):
                 results["kl"].append(row)

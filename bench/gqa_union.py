@@ -16,6 +16,7 @@ is kept by a head iff its gap m̃ − m ≥ ln λ, with λ the call's own (the s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from unittest import mock
@@ -28,7 +29,7 @@ from fxsparse.ops import op as op_module
 from fxsparse.ops.reference import reference_attention
 from fxsparse.ops.threshold import DECODE, log_threshold
 
-from bench.accuracy import SavedRun, _kl_text, _pooled, _saved_laws, sparse_smollm2
+from bench.accuracy import PRESET, SavedRun, _kl_text, saved_laws, sparse_smollm2
 
 
 class UnionCounter:
@@ -65,8 +66,10 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer, sites = sparse_smollm2()
-    laws, own_fits = _saved_laws(SavedRun.load(args.laws_from), list(sites))
-    write_laws(sites, laws, _pooled(laws, own_fits, args.site_weight), 0.5)
+    cfg = dataclasses.replace(PRESET, per_site_weight=args.site_weight, per_site_cap=None, fit_length_exponent=False,
+                              match_length_bins=False)  # the laws this measurement was made with (bench/ACCURACY.md)
+    fitted = saved_laws(SavedRun.load(args.laws_from), list(sites), cfg)
+    write_laws(sites, fitted.laws, fitted.site_laws, 0.5)
     ids = _kl_text(tokenizer, args.length)[0].tolist()
     rows = []
     for target in [float(t) for t in args.targets.split(",")]:

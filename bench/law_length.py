@@ -12,12 +12,13 @@ prints the sf that bin needs (median over its passes), the length exponent p of 
 A pass's sparsity at a λ between two trials is interpolated linearly in log λ. The in-sample numbers
 are a proxy for the held-out check (they use the fit's own samples, and dense inputs at every layer).
 
-``--heldout FILE`` (passes measured the same way on samples the fit never saw, e.g.
-``bench/results/heldout_passes_cpu.json``) refits ``SKIP_SOFTMAX_CALIB``'s laws from the run's passes
-(pooled per-site; capped and uncapped, each with p = 1 and with p fitted) and prints the sparsity each
-reaches per held-out bin at targets 0.3 / 0.5 / 0.7, with the cells within ±5 points counted::
+``--heldout FILE`` (passes measured the same way on samples the fit never saw, from
+``bench/heldout_passes.py``) refits ``SKIP_SOFTMAX_CALIB``'s laws from the run's passes, and the same
+calibration with its per-site cap, fitted length exponent and bin matching each on or off, and prints the
+sparsity each reaches per held-out bin at targets 0.3 / 0.5 / 0.7, with the cells within ±5 points
+counted. ``--split N`` holds out the run's own samples from index N on instead::
 
-    python bench/law_length.py bench/results/accuracy_gpu_calib_pooled.json --heldout bench/results/heldout_passes_cpu.json
+    python bench/law_length.py bench/results/passes80_cpu.json --split 64
 """
 
 from __future__ import annotations
@@ -28,10 +29,9 @@ import math
 
 import numpy as np
 
-from fxsparse.calibration.calibrate import cap_site_laws, fit_laws
-from fxsparse.calibration.fit import LawFit, tiles_skipped
+from bench.accuracy import PRESET, SavedRun, law_variants, saved_laws
+from fxsparse.calibration.fit import LawFit, length_bins_of, tiles_skipped
 from fxsparse.calibration.measure import Pass
-from fxsparse.config import SKIP_SOFTMAX_CALIB, SparseAttentionConfig
 
 TARGETS = (0.3, 0.5, 0.7)
 
@@ -46,12 +46,7 @@ def load(path):
     log_trials = np.log(np.asarray(trials_of(run)))
     passes = [Pass(p["phase"], p["sample"], p["kv_len"], np.asarray(p["valid"], float), np.asarray(p["skipped"], float))
               for p in run["passes"]]
-    longest: dict[int, float] = {}
-    for p in passes:  # a sample's bin: the power of two its prompt fits in (decode steps may run past it)
-        if p.phase == "prefill":
-            longest[p.sample] = max(longest.get(p.sample, 0.0), p.kv_len)
-    bins = {sample: 1 << math.ceil(math.log2(length)) for sample, length in longest.items()}
-    return run, log_trials, passes, bins
+    return run, log_trials, passes, length_bins_of(passes)
 
 
 def needed_log_lambda(p, log_trials, target):
@@ -75,41 +70,45 @@ def achieved(passes, bins, trials, laws, phase, target):
     return out
 
 
-def heldout_table(run, passes, heldout_run, heldout, heldout_bins) -> None:
-    """Held-out sparsity per bin of the preset's per-site laws refitted from ``passes``: p = 1 or fitted,
-    capped (the preset's ``per_site_cap``) or not."""
-    preset = SparseAttentionConfig.from_dict(SKIP_SOFTMAX_CALIB).calibration
+def heldout_table(run, passes, heldout, heldout_bins) -> None:
+    """Held-out sparsity per bin of ``SKIP_SOFTMAX_CALIB``'s laws refitted from ``passes``, and of the same
+    calibration with each of its steps (per-site cap, fitted length exponent, bin matching) off."""
     names = [f"site {i}" for i in range(len(passes[0].valid))]
-    trials, targets = trials_of(run), run["calibration"]["targets"]
+    saved = SavedRun(passes, trials_of(run), run["calibration"]["targets"] if "calibration" in run else
+                     {"prefill": 0.5, "decode": 0.5})
     print("| law | phase | target | held-out sparsity per bin | within ±5 |")
     print("|---|---|---|---|---|")
-    for cap in (preset.per_site_cap, None):
-        for fit_exponent in (False, True):
-            laws, site_laws, _ = fit_laws(passes, trials, targets, names, preset.per_site_weight, fit_exponent)
-            if cap is not None:
-                site_laws = cap_site_laws(site_laws, passes, trials, targets, cap)[0]
-            within = cells = 0
-            for phase in ("prefill", "decode"):
-                chosen = [site_laws[name][phase] for name in names]
-                label = (f"p = {laws[phase].p:.2f}" if fit_exponent else "p = 1") + (f", cap {cap:g}" if cap else "")
-                for target in TARGETS:
-                    reached = achieved(heldout, heldout_bins, trials_of(heldout_run), chosen, phase, target)
-                    close = [abs(s - target) <= 0.05 for s in reached.values()]
-                    within, cells = within + sum(close), cells + len(close)
-                    row = ", ".join(f"{b // 1024}k {100 * s:.1f} %" for b, s in reached.items())
-                    print(f"| {label} | {phase} | {target} | {row} | {sum(close)}/{len(close)} |")
-            print(f"| **{within} of {cells} cells within ±5 points** | | | | |")
+    variants = law_variants([PRESET.per_site_weight], [PRESET.per_site_cap, 0.0], [1, 0], [1, 0])
+    for name, cfg in variants.items():
+        fitted = saved_laws(saved, names, cfg)
+        within = {}
+        for phase in ("prefill", "decode"):
+            chosen = [fitted.site_laws[site][phase] for site in names]
+            for target in TARGETS:
+                reached = achieved(heldout, heldout_bins, saved.trials, chosen, phase, target)
+                close = [abs(s - target) <= 0.05 for s in reached.values()]
+                within[phase] = [a + b for a, b in zip(within.get(phase, (0, 0)), (sum(close), len(close)))]
+                row = ", ".join(f"{b // 1024}k {100 * s:.1f} %" for b, s in reached.items())
+                print(f"| {name}, p = {chosen[0].p:.2f} | {phase} | {target} | {row} | {sum(close)}/{len(close)} |")
+        print(f"| **{name}: within ±5 points in {within['prefill'][0]} of {within['prefill'][1]} prefill cells, "
+              f"{within['decode'][0]} of {within['decode'][1]} decode** | | | | |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="a bench/accuracy.py JSON with calibration passes")
-    parser.add_argument("--heldout", help="passes measured on held-out samples: also print their per-bin sparsity")
+    parser.add_argument("--heldout", help="passes measured on held-out samples: print the laws' per-bin sparsity there")
+    parser.add_argument("--split", type=int, help="as --heldout, with the run's own samples from this index on held out")
     args = parser.parse_args()
     run, log_trials, passes, bins = load(args.run)
-    if args.heldout:
-        heldout_run, _, heldout, heldout_bins = load(args.heldout)
-        heldout_table(run, passes, heldout_run, heldout, heldout_bins)
+    if args.heldout or args.split is not None:
+        if args.heldout:
+            _, _, heldout, heldout_bins = load(args.heldout)
+        else:
+            heldout = [p for p in passes if p.sample >= args.split]
+            passes = [p for p in passes if p.sample < args.split]
+            heldout_bins = bins
+        heldout_table(run, passes, heldout, heldout_bins)
         return
     site_laws = run["calibration"]["site_laws"]
     print("| phase | target | sf = λ·L each bin needs (median over passes) | λ_needed ∝ L^−p | saved laws reach, per bin |")

@@ -33,7 +33,7 @@ LAWS_FROM = os.environ.get("LAWS_FROM", "bench/results/accuracy_gpu_calib_pooled
 def _models():
     """(HF sdpa model, the rewritten copy, its sites, tokenizer); the rewritten model holds the saved laws."""
     import fxsparse
-    from bench.accuracy import SavedRun, preset_laws
+    from bench.accuracy import SavedRun, saved_laws
     from fxsparse.assets import load_default_model
     from fxsparse.calibration.calibrate import write_laws
 
@@ -42,8 +42,8 @@ def _models():
     fxsparse.sparsify(rewritten, {"sparse_cfg": {"*attn*": {"backend": "triton", "br": 128, "bc": 128},
                                                  "default": {"enable": False}}})
     sites = fxsparse.sites_of(rewritten)
-    laws, site_laws = preset_laws(SavedRun.load(LAWS_FROM), list(sites))
-    write_laws(sites, laws, site_laws, 0.5)
+    fitted = saved_laws(SavedRun.load(LAWS_FROM), list(sites))  # SKIP_SOFTMAX_CALIB's laws
+    write_laws(sites, fitted.laws, fitted.site_laws, 0.5)
     return hf, rewritten, sites, tokenizer
 
 

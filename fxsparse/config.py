@@ -121,7 +121,8 @@ class CalibrationConfig:
     per_site: bool = True
     per_site_weight: float = 0.5
     per_site_cap: float | None = 1.15
-    fit_length_exponent: bool = False
+    fit_length_exponent: bool = True
+    match_length_bins: bool = True
     heldout_samples: int = 8
     seed: int = 1234
     data_dir: str | None = None
@@ -208,6 +209,7 @@ def _parse_calibration(raw: Mapping[str, Any]) -> CalibrationConfig:
         "per_site_weight": lambda v, n: _number(v, n, 0.0, 1.0),
         "per_site_cap": lambda v, n: None if v is None else _number(v, n, 1.0, 10.0),
         "fit_length_exponent": _flag,
+        "match_length_bins": _flag,
         "heldout_samples": lambda v, n: _integer(v, n, 0),
         "seed": lambda v, n: _integer(v, n, 0),
         "data_dir": _optional_path,

@@ -7,12 +7,13 @@ import copy
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import fxsparse
 from calibration_fixtures import essays, essays_folder, private_cache, tokenizer  # noqa: F401 (fixtures)
-from fxsparse.calibration.calibrate import cap_site_laws, fit_laws
+from fxsparse.calibration.calibrate import cap_site_laws, fit_laws, match_length_bins
 from fxsparse.calibration.fit import tiles_skipped
 from fxsparse.calibration.measure import Recorder, run_sample, trial_grid
 from fxsparse.ops.threshold import A, B, P, TARGET, make_threshold_state
@@ -120,15 +121,23 @@ def test_per_site_laws_differ_and_are_written(tokenizer, essays):
     text = result.format()
     assert "per-site laws" in text and "pooled toward the model-wide law (weight 0.5)" in text
     assert "capped at 1.15x the target" in text and result.per_site_cap == 1.15
-    # the written laws are the sites' own fits pooled with the default weight, refitted from the same passes,
-    # then capped: no site sparser than 1.15x the target on the passes, the mean at the target
-    _, pooled, _ = fit_laws(result.passes, result.trials, result.targets, list(sites), site_weight=0.5)
+    # the written laws are the sites' own fits (length exponent fitted) pooled with the default weight,
+    # refitted from the same passes, then capped: averaged over the length bins, no site sparser than 1.15x
+    # the target on the passes and the mean at the target; then matched to the length bins
+    laws, pooled, _ = fit_laws(result.passes, result.trials, result.targets, list(sites), 0.5, fit_exponent=True)
     capped, held, _ = cap_site_laws(pooled, result.passes, result.trials, result.targets, 1.15)
-    assert capped == result.site_laws and held == result.capped and result.to_dict()["capped"] == held
+    assert held == result.capped and result.to_dict()["capped"] == held
     for phase, target in result.targets.items():
-        skipped, valid = tiles_skipped(result.passes, phase, result.trials, [capped[n][phase] for n in sites], target)
-        assert skipped.sum() / valid.sum() == pytest.approx(target, abs=0.01)
-        assert (skipped / valid <= 1.15 * target + 0.01).all()
+        chosen = [capped[n][phase] for n in sites]
+        # sample i is in bin (2048, 1024)[i % 2]
+        per_bin = [tiles_skipped([p for p in result.passes if p.sample % 2 == parity], phase, result.trials, chosen,
+                                 target) for parity in (0, 1)]
+        mean = np.mean([skipped.sum() / valid.sum() for skipped, valid in per_bin])
+        assert mean == pytest.approx(target, abs=0.01)
+        assert (np.mean([skipped / valid for skipped, valid in per_bin], axis=0) <= 1.15 * target + 0.01).all()
+    _, matched, corrections = match_length_bins(laws, capped, list(sites), result.passes, result.trials, True)
+    assert matched == result.site_laws and corrections == result.bin_corrections
+    assert "matched to the length bins" in text
 
 
 def test_forward_loop_measures_user_data_and_warns_for_unmeasured_decode(tokenizer):

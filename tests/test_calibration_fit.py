@@ -216,3 +216,65 @@ def test_fit_laws_share_the_model_wide_length_exponent():
     reached = [tiles_skipped([p for p in passes if p.kv_len == kv_len], "prefill", trials, [one_over_l["prefill"]] * 2,
                              0.5)[0].sum() / 800 for kv_len in (1024, 8192)]
     assert reached[1] - reached[0] > 0.15  # ln 8 / 12 = 0.17 apart
+
+
+def _law_shaped_passes(trials, log_a, b, p, sites=2):
+    """Passes of 4 samples (one per length bin) whose sparsity is exactly the law ln λ = log_a + b·S − p·ln L,
+    the same at every site, for prefill (two chunks at 8k, as chunked prefill measures) and decode."""
+    passes = []
+    for sample, kv_len in enumerate((1024.0, 2048.0, 4096.0, 8192.0)):
+        chunks = (kv_len,) if kv_len < 8192 else (4096.0, 8192.0)
+        for phase, length in [("prefill", c) for c in chunks] + [("decode", kv_len + 4)]:
+            share = np.clip((np.log(trials) - log_a + p * np.log(length)) / b, 0.0, 1.0)
+            valid = np.full(sites, 1000.0)
+            passes.append(Pass(phase, sample, length, valid, np.tile(1000.0 * share, (sites, 1))))
+    return passes
+
+
+def test_match_length_bins_recovers_the_law_the_bins_follow():
+    from fxsparse.calibration.calibrate import match_length_bins
+    from fxsparse.calibration.fit import length_bins_of
+
+    trials = np.logspace(-9, 2.5, 200)
+    log_a, b, p = 10.0, 8.0, 2.0
+    passes = _law_shaped_passes(trials, log_a, b, p)
+    assert length_bins_of(passes) == {0: 1024, 1: 2048, 2: 4096, 3: 8192}
+    start = LawFit(1.0, 5.0, 0.9, 100, 0.1, 0.9)  # a, b and p all wrong
+    laws, site_laws, corrections = match_length_bins({"prefill": start, "decode": start},
+                                                     {"s0": {"prefill": start}, "s1": {"prefill": start.scaled(2.0)}},  # decode: model-wide
+                                                     ["s0", "s1"], passes, trials, fit_exponent=True)
+    for phase in ("prefill", "decode"):
+        for target in (0.3, 0.5, 0.7):  # every bin reaches every target
+            for sample in range(4):
+                group = [x for x in passes if x.sample == sample]
+                chosen = [site_laws[name].get(phase, laws[phase]) for name in ("s0", "s1")]
+                skipped, valid = tiles_skipped(group, phase, trials, chosen, target)
+                assert skipped.sum() / valid.sum() == pytest.approx(target, abs=0.01), (phase, target, sample)
+    decode = laws["decode"]  # one law everywhere: it becomes the bins' own (decode passes sit at L + 4)
+    assert np.log(decode.a) == pytest.approx(log_a, abs=0.1) and decode.b == pytest.approx(b, abs=0.1)
+    assert decode.p == pytest.approx(p, abs=0.02)
+    c, d, q = corrections["decode"]
+    assert (c, d, q) == pytest.approx((log_a, b - 5.0, p - 1.0), abs=0.1)
+    s0, s1 = site_laws["s0"]["prefill"], site_laws["s1"]["prefill"]  # one correction for all: ratios kept
+    assert s1.a / s0.a == pytest.approx(2.0) and s1.b == s0.b and s1.p == s0.p
+    # without the exponent only a and b move, and p stays the fit's
+    laws, _, corrections = match_length_bins({"prefill": start}, {}, ["s0", "s1"], passes, trials, fit_exponent=False)
+    assert laws["prefill"].p == 1.0 and corrections["prefill"][2] == 0.0
+
+
+def test_tiles_skipped_by_bin_groups_samples_by_their_prompt_length():
+    from fxsparse.calibration.fit import length_bins_of, tiles_skipped_by_bin
+
+    trials = np.logspace(-9, 2.5, 50)
+    passes = _law_shaped_passes(trials, 10.0, 8.0, 2.0)
+    # sample 3's prompt is 8k in two chunks: its 4k chunk belongs to the 8k bin, its decode steps past 8k too
+    assert length_bins_of([p for p in passes if p.sample == 3]) == {3: 8192}
+    law = [LawFit(np.exp(10.0) / 4096, 8.0, 1.0, 10, 0.1, 0.9, p=1.0)] * 2  # the bins' law at 4k, but with 1/L
+    skipped, valid = tiles_skipped_by_bin(passes, "prefill", trials, law, 0.5)
+    assert skipped.shape == valid.shape == (4, 2)
+    for row, sample in enumerate(range(4)):
+        expected = tiles_skipped([p for p in passes if p.sample == sample], "prefill", trials, law, 0.5)
+        np.testing.assert_allclose(skipped[row], expected[0])
+        np.testing.assert_array_equal(valid[row], expected[1])
+    share = skipped.sum(1) / valid.sum(1)  # against the bins' L^-2, the 1/L law skips more as L grows
+    assert (np.diff(share) > 0.04).all() and share[2] == pytest.approx(0.5)  # ln 2 / 8 per doubling (8k: half at 4k)

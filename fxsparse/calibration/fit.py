@@ -55,6 +55,10 @@ class LawFit:
         """The same law with every threshold multiplied by ``factor``."""
         return replace(self, a=self.a * factor)
 
+    def shifted(self, log_a: float, b: float, p: float) -> LawFit:
+        """The law with ln λ moved by ``log_a + b·S − p·ln L``."""
+        return replace(self, a=self.a * math.exp(log_a), b=self.b + b, p=self.p + p)
+
     def pooled_toward(self, model_wide: LawFit, weight: float) -> LawFit:
         """This (per-site) law moved toward the model-wide one: ln sf = w·own + (1 − w)·model-wide at every S.
 
@@ -117,6 +121,30 @@ def tiles_skipped(
     return (below + weight * (above - below)).sum(0), valid.sum(0)
 
 
+def length_bins_of(passes: Sequence[Pass]) -> dict[int, int]:
+    """{sample: length bin}, the power of two the sample's longest prefill pass (its prompt) fits in, as the
+    held-out check bins samples; decode steps may run past it."""
+    longest: dict[int, float] = {}
+    for p in sorted(passes, key=lambda p: p.phase != "prefill"):  # prefill first; decode only for prompt-less samples
+        if p.phase == "prefill" or p.sample not in longest:
+            longest[p.sample] = max(longest.get(p.sample, 0.0), p.kv_len)
+    return {sample: 1 << max(0, math.ceil(math.log2(length))) for sample, length in longest.items()}
+
+
+def tiles_skipped_by_bin(
+    passes: Sequence[Pass], phase: str, trials: Sequence[float], laws: Sequence[LawFit], target: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``tiles_skipped`` per length bin (``length_bins_of``): (skipped, valid), each (bins, sites), bins in
+    increasing length; bins without passes of ``phase`` are left out."""
+    bins = length_bins_of(passes)
+    counts = [tiles_skipped([p for p in passes if bins[p.sample] == size], phase, trials, laws, target)
+              for size in sorted(set(bins.values()))]
+    counts = [(skipped, valid) for skipped, valid in counts if valid.sum() > 0]
+    if not counts:
+        return np.zeros((0, len(laws))), np.zeros((0, len(laws)))
+    return np.stack([c[0] for c in counts]), np.stack([c[1] for c in counts])
+
+
 def solve_increasing(excess: Callable[[np.ndarray], np.ndarray], shape=(), bound: float = 20.0) -> np.ndarray:
     """Elementwise root of an increasing ``excess(x)`` in [-bound, bound] by bisection (a bound if none)."""
     low, high = np.full(shape, -bound), np.full(shape, bound)
@@ -159,3 +187,52 @@ def fit_law(
         return None  # sparsity must grow with the threshold; a flat or falling law is noise
     return LawFit(float(math.exp(log_a)), float(b), r2, int(x.size), float(sparsity.min()), float(sparsity.max()),
                   float(exponent))
+
+
+MATCH_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def bin_correction(
+    passes: Sequence[Pass],
+    phase: str,
+    trials: Sequence[float],
+    laws: Sequence[LawFit],
+    fit_exponent: bool,
+    grid: Sequence[float] = MATCH_GRID,
+) -> tuple[float, float, float]:
+    """(c, d, q): moving every site's ln λ by ``c + d·S − q·ln L`` brings each length bin's tile-weighted mean
+    sparsity closest to S over ``grid`` (q = 0 unless ``fit_exponent`` and the bins span a factor 2).
+
+    Per bin and grid S it bisects the one ln-λ shift f that makes the bin reach S, then fits f by least squares
+    weighted by dS/df, i.e. in sparsity: a bin where λ barely moves sparsity counts little. A bin that cannot
+    reach S inside the trial grid gives no point; too few points give no correction.
+    """
+    bins = length_bins_of(passes)
+    points, shifts, slopes = [], [], []
+    for size in sorted(set(bins.values())):
+        group = [p for p in passes if p.phase == phase and bins[p.sample] == size]
+        if not group:
+            continue
+        log_len = float(np.mean([math.log(p.kv_len) for p in group]))
+        for target in grid:
+            def mean(shift: float) -> float:  # the bin's mean sparsity with every λ scaled by e^shift
+                skipped, valid = tiles_skipped(group, phase, trials, [law.scaled(math.exp(shift)) for law in laws], target)
+                return float(skipped.sum() / max(valid.sum(), 1.0))
+
+            shift = float(solve_increasing(lambda f: mean(float(f)) - target))
+            slope = (mean(shift + 0.05) - mean(shift - 0.05)) / 0.1
+            if abs(shift) < 19.0 and slope > 0:
+                points.append((1.0, target, -log_len))
+                shifts.append(shift)
+                slopes.append(slope)
+    design, shifts, slopes = np.array(points).reshape(-1, 3), np.array(shifts), np.array(slopes)
+    columns = [0]
+    if len(shifts) and np.ptp(design[:, 1]) > 0:
+        columns.append(1)
+    if fit_exponent and len(shifts) and np.ptp(design[:, 2]) >= math.log(2.0):
+        columns.append(2)
+    if len(shifts) < len(columns) + 1:
+        return 0.0, 0.0, 0.0
+    solution = np.linalg.lstsq(design[:, columns] * slopes[:, None], shifts * slopes, rcond=None)[0]
+    coefficients = dict(zip(columns, solution))
+    return tuple(float(coefficients.get(i, 0.0)) for i in range(3))

@@ -37,6 +37,8 @@ class CalibrationResult:
         per_site_weight: how far the site laws keep their own fit (``LawFit.pooled_toward``), per_site only.
         per_site_cap: the sparsity cap, as a multiple of the target (``calibrate.cap_site_laws``); None: none.
         capped: per phase, the sites held at the cap.
+        bin_corrections: per phase, the (c, d, q) that ``calibrate.match_length_bins`` added to every law's
+            ln λ as ``c + d·S − q·ln L``; empty when it was off.
     """
 
     laws: dict[str, LawFit | None]
@@ -53,6 +55,7 @@ class CalibrationResult:
     per_site_weight: float | None = None
     per_site_cap: float | None = None
     capped: dict[str, list[str]] = field(default_factory=dict)
+    bin_corrections: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -62,6 +65,7 @@ class CalibrationResult:
             "per_site_weight": self.per_site_weight,
             "per_site_cap": self.per_site_cap,
             "capped": {phase: list(names) for phase, names in self.capped.items()},
+            "bin_corrections": {phase: list(c) for phase, c in self.bin_corrections.items()},
             "site_laws": {s: {p: law.to_dict() for p, law in laws.items()} for s, laws in self.site_laws.items()},
             "heldout": [{**vars(row), "error": row.error} for row in self.heldout],
             "num_samples": self.num_samples,
@@ -80,6 +84,8 @@ class CalibrationResult:
             if self.per_site_cap is not None:
                 held = ", ".join(f"{len(names)} {phase}" for phase, names in self.capped.items())
                 mode += f", capped at {self.per_site_cap:g}x the target ({held} sites at the cap)"
+        if self.bin_corrections:
+            mode += ", matched to the length bins"
         lines = [f"calibration: {self.num_samples} samples, {self.num_passes} measured passes, "
                  f"{len(self.trials)} trial thresholds, {mode}, {self.seconds:.1f} s",
                  f"{'phase':<8} {'target':>6} {'a':>11} {'b':>8} {'p':>6} {'R^2':>6} {'points':>6} {'observed S':>13}"]
