@@ -10,8 +10,9 @@ One measurement pass calibrates (``fxsparse.calibrate``); everything else reuses
    tokens, fed one at a time through the KV cache (decode phase);
 3. NIAH over the essays at the given lengths: dense vs (prefill, decode) target pairs, with the
    achieved sparsity of each run and the needle depth of each prompt (``--spare``: a hand-made per-site
-   allocation at equal average prefill sparsity; ``--caps``: calibration's per-site sparsity cap applied to
-   the saved run's passes; bench/ACCURACY.md).
+   allocation at equal average prefill sparsity; ``--caps``, ``--exponents``, ``--match``: calibration's
+   per-site cap, length exponent and bin matching, on or off, refitted from the saved run's passes,
+   ``--fit-samples`` of them; ``--laws-from-heldout``: the held-out check too; bench/ACCURACY.md).
 
 The dense baseline is the same rewritten model with its sites disabled. Calibration defaults are
 those of ``SKIP_SOFTMAX_CALIB`` (64 samples up to 8192 tokens): minutes on a GPU, hours on a CPU::
@@ -124,7 +125,7 @@ def _depth(tokenizer, sample: Sample) -> float:
     return round(text.find(sample.answers[0]) / len(text), 3)
 
 
-def _niah(model, tokenizer, sites, lengths, prompts, pairs, dense=True, law_setters=None):
+def _niah(model, tokenizer, sites, lengths, prompts: dict, pairs, dense=True, law_setters=None):
     """Yields one row per (length, law, config): needles found (and which), achieved sparsity, time.
 
     law_setters: name → writes that law (default: the laws the sites hold, unnamed).
@@ -134,7 +135,7 @@ def _niah(model, tokenizer, sites, lengths, prompts, pairs, dense=True, law_sett
         (law, write, f"{p:g}/{d:g}" + (f" {law}" if law else ""), (p, d))
         for law, write in law_setters.items() for p, d in pairs]
     for length in lengths:
-        samples = _niah_prompts(tokenizer, length, prompts)
+        samples = _niah_prompts(tokenizer, length, prompts[length])
         depths = [_depth(tokenizer, s) for s in samples]
         for _, write, label, targets in configs:
             if write is not None:
@@ -273,7 +274,7 @@ def main() -> None:
     parser.add_argument("--pairs", default="0.3/0.3,0.5/0.5,0.7/0.7,0.3/0.5,0.5/0.3",
                         help="KL and NIAH (prefill/decode) targets")
     parser.add_argument("--niah-lengths", default="2048,4096,8192")
-    parser.add_argument("--niah-prompts", type=int, default=20)
+    parser.add_argument("--niah-prompts", default="20", help="prompts per NIAH length: one number, or one per length")
     parser.add_argument("--kl-length", type=int, default=4096, help="0: skip the KL comparison")
     parser.add_argument("--kl-decode", type=int, default=32, help="last tokens of the KL text run as decode steps")
     parser.add_argument("--device", default="cpu")
@@ -311,6 +312,10 @@ def main() -> None:
         model, tokenizer, sites = sparse_smollm2(args.device, getattr(torch, args.dtype), args.backend)
 
     lengths = [int(x) for x in args.niah_lengths.split(",") if x]
+    prompts = [int(x) for x in args.niah_prompts.split(",")]
+    if len(prompts) not in (1, len(lengths)):
+        parser.error(f"--niah-prompts: give one number or one per length ({len(lengths)})")
+    prompts = dict(zip(lengths, prompts * len(lengths) if len(prompts) == 1 else prompts))
     pairs = [_pair(p) for p in args.pairs.split(",") if p]
     results["niah"] = []
     laws_from = args.laws_from or args.niah_only
@@ -343,7 +348,7 @@ def main() -> None:
                     results["heldout"][target] = rows
                     save()
         with _timed(seconds, "niah"):
-            for row in _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs, dense=args.niah_dense,
+            for row in _niah(model, tokenizer, sites, lengths, prompts, pairs, dense=args.niah_dense,
                              law_setters=niah_setters):
                 results["niah"].append(row)
                 save()
@@ -386,7 +391,7 @@ def main() -> None:
     write_laws(sites, calibration.laws, calibrated_site_laws, cfg_targets)  # NIAH: as calibrated
 
     with _timed(seconds, "niah"):
-        for row in _niah(model, tokenizer, sites, lengths, args.niah_prompts, pairs):
+        for row in _niah(model, tokenizer, sites, lengths, prompts, pairs):
             results["niah"].append(row)
             save()
     results["total_s"] = time.perf_counter() - start

@@ -1,11 +1,13 @@
-"""Counting passes of the held-out samples of a SmolLM2 calibration, for ``bench/law_length.py --heldout``.
+"""Counting passes of SmolLM2 calibration samples on the CPU, for ``bench/law_length.py`` and ``--laws-from``.
 
 Builds the same samples as ``fxsparse.calibrate`` with ``SKIP_SOFTMAX_CALIB``'s defaults (seed 1234,
-``--samples`` fitted + ``--heldout`` held out, up to ``--max-seqlen``), keeps the held-out ones, and runs
-them once in measuring mode (dense, every trial λ counted) on the CPU reference: any law's held-out
-sparsity can then be read off without running the model again. Counts equal the GPU counting kernel's::
+``--samples`` fitted + ``--heldout`` held out, up to ``--max-seqlen``), keeps the ``--heldout`` last ones, and
+runs them once in measuring mode (dense, every trial λ counted) on the CPU reference: any law's sparsity on
+them can then be read off without running the model again. Counts equal the GPU counting kernel's. With
+``--samples 0 --heldout 80`` it measures all 80 (indices 0–79): fit on the first 64 with
+``law_length.py --split 64`` or ``accuracy.py --laws-from FILE --fit-samples 64``::
 
-    PYTHONPATH=. python bench/heldout_passes.py --out bench/results/heldout_passes_cpu.json   # ~15 min, 2 cores
+    PYTHONPATH=. python bench/heldout_passes.py --samples 0 --heldout 80 --out bench/results/passes80_cpu.json  # ~55 min, 2 cores
 """
 
 from __future__ import annotations

@@ -100,14 +100,19 @@ class CalibrationConfig:
             the default target (less KL at equal sparsity than w = 1 or one model-wide law, and NIAH at 4k
             15/20 vs 10/20 and 13/20); w = 1 measured best above ~50 % achieved sparsity (bench/ACCURACY.md).
         per_site_cap: with per_site, no site may be sparser than this multiple of the phase target on the
-            calibration data; the uncapped sites share one λ factor so the mean still meets the target
-            (``calibrate.cap_site_laws``). None: no cap. The default 1.15 keeps SmolLM2's needles at 4k (NIAH
-            80/100 = dense at 44 % prefill / 52 % decode sparsity, against 75/100 at 41 / 48 % uncapped) for
-            about twice the uncapped KL on plain text (0.005 vs 0.002 nats, bench/ACCURACY.md).
+            calibration data (averaged over the length bins); the uncapped sites share one λ factor so the mean
+            still meets the target (``calibrate.cap_site_laws``). None: no cap. On SmolLM2 the cap keeps the
+            needles at 4k that one law loses (NIAH 81/100 = dense's 80 vs 75/100 uncapped) for about twice the
+            uncapped KL on plain text (0.005 vs 0.002 nats; bench/ACCURACY.md).
         fit_length_exponent: fit p in λ = a·exp(b·S)/L^p (model-wide per phase, shared by the sites) when the
-            samples span lengths. Default False: Model Optimizer's p = 1, the law TensorRT-LLM and vLLM compute.
-            On SmolLM2 (p ≈ 2) it brings more length bins within ±5 points of the target without the cap
-            (16 of 24 held-out cells vs 9), but not with it (11 vs 13); bench/ACCURACY.md.
+            samples span lengths; False keeps Model Optimizer's p = 1, the law TensorRT-LLM and vLLM compute (an
+            exported checkpoint's Model Optimizer group gets the 1/L law equal to the fitted one at 4096 tokens).
+            On SmolLM2 the λ a target needs falls like L^−2, so with p = 1 length bins miss the target by up
+            to ~15 points.
+        match_length_bins: after fitting (and capping), move every site's ln λ by one ``c + d·S − q·ln L`` per
+            phase (q only with ``fit_length_exponent``) so that each length bin's mean sparsity on the
+            calibration data follows the target over S = 0.2…0.8 (``calibrate.match_length_bins``); what the
+            held-out check measures per bin.
         heldout_samples: samples kept out of the fit to report achieved sparsity.
         seed: sample generation seed (the global RNG is never touched).
         data_dir: directory of Paul Graham essays (None: the fxsparse asset cache).

@@ -124,11 +124,13 @@ def tiles_skipped(
 def length_bins_of(passes: Sequence[Pass]) -> dict[int, int]:
     """{sample: length bin}, the power of two the sample's longest prefill pass (its prompt) fits in, as the
     held-out check bins samples; decode steps may run past it."""
-    longest: dict[int, float] = {}
-    for p in sorted(passes, key=lambda p: p.phase != "prefill"):  # prefill first; decode only for prompt-less samples
-        if p.phase == "prefill" or p.sample not in longest:
-            longest[p.sample] = max(longest.get(p.sample, 0.0), p.kv_len)
-    return {sample: 1 << max(0, math.ceil(math.log2(length))) for sample, length in longest.items()}
+    prompt: dict[int, float] = {}
+    for p in passes:
+        if p.phase == "prefill":
+            prompt[p.sample] = max(prompt.get(p.sample, 0.0), p.kv_len)
+    for p in passes:
+        prompt.setdefault(p.sample, p.kv_len)  # no prefill measured (a decode-only forward_loop)
+    return {sample: 1 << max(0, math.ceil(math.log2(length))) for sample, length in prompt.items()}
 
 
 def tiles_skipped_by_bin(
