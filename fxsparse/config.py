@@ -100,8 +100,8 @@ class CalibrationConfig:
             the default target (less KL at equal sparsity than w = 1 or one model-wide law, and NIAH at 4k
             15/20 vs 10/20 and 13/20); w = 1 measured best above ~50 % achieved sparsity (bench/ACCURACY.md).
         per_site_cap: with per_site, no site may be sparser than this multiple of the phase target on the
-            calibration data (averaged over the length bins); the uncapped sites share one λ factor so the mean
-            still meets the target (``calibrate.cap_site_laws``). None: no cap. On SmolLM2 the cap keeps the
+            calibration data; the uncapped sites share one λ factor so the mean still meets the target
+            (``calibrate.cap_site_laws``). None: no cap. On SmolLM2 the cap keeps the
             needles at 4k that one law loses (NIAH 81/100 = dense's 80 vs 75/100 uncapped) for about twice the
             uncapped KL on plain text (0.005 vs 0.002 nats; bench/ACCURACY.md).
         fit_length_exponent: fit p in λ = a·exp(b·S)/L^p (model-wide per phase, shared by the sites) when the

@@ -261,20 +261,3 @@ def test_match_length_bins_recovers_the_law_the_bins_follow():
     laws, _, corrections = match_length_bins({"prefill": start}, {}, ["s0", "s1"], passes, trials, fit_exponent=False)
     assert laws["prefill"].p == 1.0 and corrections["prefill"][2] == 0.0
 
-
-def test_tiles_skipped_by_bin_groups_samples_by_their_prompt_length():
-    from fxsparse.calibration.fit import length_bins_of, tiles_skipped_by_bin
-
-    trials = np.logspace(-9, 2.5, 50)
-    passes = _law_shaped_passes(trials, 10.0, 8.0, 2.0)
-    # sample 3's prompt is 8k in two chunks: its 4k chunk belongs to the 8k bin, its decode steps past 8k too
-    assert length_bins_of([p for p in passes if p.sample == 3]) == {3: 8192}
-    law = [LawFit(np.exp(10.0) / 4096, 8.0, 1.0, 10, 0.1, 0.9, p=1.0)] * 2  # the bins' law at 4k, but with 1/L
-    skipped, valid = tiles_skipped_by_bin(passes, "prefill", trials, law, 0.5)
-    assert skipped.shape == valid.shape == (4, 2)
-    for row, sample in enumerate(range(4)):
-        expected = tiles_skipped([p for p in passes if p.sample == sample], "prefill", trials, law, 0.5)
-        np.testing.assert_allclose(skipped[row], expected[0])
-        np.testing.assert_array_equal(valid[row], expected[1])
-    share = skipped.sum(1) / valid.sum(1)  # against the bins' L^-2, the 1/L law skips more as L grows
-    assert (np.diff(share) > 0.04).all() and share[2] == pytest.approx(0.5)  # ln 2 / 8 per doubling (8k: half at 4k)

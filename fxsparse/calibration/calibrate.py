@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..assets import essays_dir
 from ..config import CalibrationConfig, SparseAttentionConfig
 from ..sites import PHASE_ROWS, SparseSite, sites_of
-from .fit import LawFit, bin_correction, fit_law, law_points, solve_increasing, tiles_skipped_by_bin
+from .fit import LawFit, bin_correction, fit_law, law_points, solve_increasing, tiles_skipped
 from .measure import Recorder, merge_decode, run_sample, sparsity_by_phase, trial_grid
 from .result import CalibrationResult, HeldoutRow
 from .samples import Sample, build_samples
@@ -92,8 +92,8 @@ def cap_site_laws(site_laws, passes, trials, targets, cap: float):
 
     Every site's law is scaled (its ``a``) by the smaller of two factors: one common to all sites, and its
     ceiling, the factor at which the site alone reaches ``cap`` × the target on the measured ``passes``.
-    The common factor is bisected so that the passes reach the target on average. Sparsity here is the
-    mean over length bins, each bin weighing the same (tile-weighted, the longest bin would decide alone).
+    The common factor is bisected so that the passes reach the target on average (tile-weighted, so the
+    long samples, where retrieval is lost, weigh most; ``match_length_bins`` then evens out the bins).
 
     Why: one law over-sparsifies the sites that skip easily, and SmolLM2's needle retrieval at 4k is lost
     there (bench/ACCURACY.md); capping them at the same mean sparsity kept the needles.
@@ -112,12 +112,12 @@ def cap_site_laws(site_laws, passes, trials, targets, cap: float):
             return [law.scaled(math.exp(f)) for law, f in zip(base, np.broadcast_to(log_factors, len(base)))]
 
         def site_sparsity(log_factors: np.ndarray) -> np.ndarray:
-            skipped, valid = tiles_skipped_by_bin(passes, phase, trials, scaled(log_factors), target)
-            return (skipped / np.maximum(valid, 1.0)).mean(0)
+            skipped, valid = tiles_skipped(passes, phase, trials, scaled(log_factors), target)
+            return skipped / np.maximum(valid, 1.0)
 
         def mean_sparsity(log_factors: np.ndarray) -> float:
-            skipped, valid = tiles_skipped_by_bin(passes, phase, trials, scaled(log_factors), target)
-            return float((skipped.sum(1) / np.maximum(valid.sum(1), 1.0)).mean())
+            skipped, valid = tiles_skipped(passes, phase, trials, scaled(log_factors), target)
+            return float(skipped.sum() / max(valid.sum(), 1.0))
 
         ceiling = solve_increasing(lambda f: site_sparsity(f) - cap * target, len(names))
         common = solve_increasing(lambda f: mean_sparsity(np.minimum(f, ceiling)) - target)

@@ -133,20 +133,6 @@ def length_bins_of(passes: Sequence[Pass]) -> dict[int, int]:
     return {sample: 1 << max(0, math.ceil(math.log2(length))) for sample, length in prompt.items()}
 
 
-def tiles_skipped_by_bin(
-    passes: Sequence[Pass], phase: str, trials: Sequence[float], laws: Sequence[LawFit], target: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """``tiles_skipped`` per length bin (``length_bins_of``): (skipped, valid), each (bins, sites), bins in
-    increasing length; bins without passes of ``phase`` are left out."""
-    bins = length_bins_of(passes)
-    counts = [tiles_skipped([p for p in passes if bins[p.sample] == size], phase, trials, laws, target)
-              for size in sorted(set(bins.values()))]
-    counts = [(skipped, valid) for skipped, valid in counts if valid.sum() > 0]
-    if not counts:
-        return np.zeros((0, len(laws))), np.zeros((0, len(laws)))
-    return np.stack([c[0] for c in counts]), np.stack([c[1] for c in counts])
-
-
 def solve_increasing(excess: Callable[[np.ndarray], np.ndarray], shape=(), bound: float = 20.0) -> np.ndarray:
     """Elementwise root of an increasing ``excess(x)`` in [-bound, bound] by bisection (a bound if none)."""
     low, high = np.full(shape, -bound), np.full(shape, bound)
