@@ -151,11 +151,16 @@ def _niah(model, tokenizer, sites, lengths, prompts: dict, pairs, dense=True, la
             yield {**row, "hits": hits, "depths": depths}
 
 
+def _run_config(args) -> CalibrationConfig:
+    """``SKIP_SOFTMAX_CALIB``'s calibration with this run's sample counts, lengths and steps."""
+    return dataclasses.replace(PRESET, samples=args.samples, max_seqlen=args.max_seqlen, chunk_size=args.chunk_size,
+                               decode_steps=args.decode_steps, heldout_samples=args.heldout)
+
+
 def _heldout_rows(model, sites, tokenizer, args, done=()):
     """Yields (target, rows of ``heldout_check``) for each of ``args.targets``, on the ``args.heldout`` samples
     after the fit's ``args.samples``; ``done``: calibrate()'s own rows, at the preset's target."""
-    cfg = dataclasses.replace(PRESET, samples=args.samples, max_seqlen=args.max_seqlen, chunk_size=args.chunk_size,
-                              decode_steps=args.decode_steps, heldout_samples=args.heldout)
+    cfg = _run_config(args)
     heldout = build_samples(tokenizer, args.samples + args.heldout, args.max_seqlen, seed=cfg.seed)[args.samples:]
     preset = cfg.target_sparse_ratio.to_dict()
     for target in [float(t) for t in args.targets.split(",") if t and args.heldout]:
@@ -193,9 +198,12 @@ class SavedRun:
 
     @classmethod
     def load(cls, path: str | Path, samples: int | None = None) -> "SavedRun":
+        return cls.from_json(json.loads(Path(path).read_text()), samples)
+
+    @classmethod
+    def from_json(cls, saved: dict, samples: int | None = None) -> "SavedRun":
         """A run of this script, or of ``bench/heldout_passes.py`` (then the targets are the preset's);
         ``samples``: keep only the passes of samples below that index (the fit's, the rest held out)."""
-        saved = json.loads(Path(path).read_text())
         passes = [Pass(p["phase"], p["sample"], p["kv_len"], np.asarray(p["valid"]), np.asarray(p["skipped"]))
                   for p in saved["passes"] if samples is None or p["sample"] < samples]
         calibration = saved.get("calibration", {})
@@ -354,8 +362,7 @@ def main() -> None:
                 save()
         return
 
-    cfg = dataclasses.replace(PRESET, samples=args.samples, max_seqlen=args.max_seqlen, chunk_size=args.chunk_size,
-                              decode_steps=args.decode_steps, heldout_samples=args.heldout)
+    cfg = _run_config(args)
     results["calibration_config"] = cfg.to_dict()
     with _timed(seconds, "calibration"):
         calibration = fxsparse.calibrate(model, cfg, tokenizer=tokenizer)

@@ -24,6 +24,7 @@ counted. ``--split N`` holds out the run's own samples from index N on instead::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -31,22 +32,15 @@ import numpy as np
 
 from bench.accuracy import PRESET, SavedRun, law_variants, saved_laws
 from fxsparse.calibration.fit import LawFit, length_bins_of, tiles_skipped
-from fxsparse.calibration.measure import Pass
 
 TARGETS = (0.3, 0.5, 0.7)
 
 
-def trials_of(run) -> list[float]:
-    return run["calibration"]["trials"] if "calibration" in run else run["trials"]
-
-
 def load(path):
-    """(run, ln trials, passes as ``Pass``, {sample: length bin}) of a JSON with measured passes."""
+    """(the JSON, its passes as a ``SavedRun``, {sample: length bin}) of a file with measured passes."""
     run = json.load(open(path))
-    log_trials = np.log(np.asarray(trials_of(run)))
-    passes = [Pass(p["phase"], p["sample"], p["kv_len"], np.asarray(p["valid"], float), np.asarray(p["skipped"], float))
-              for p in run["passes"]]
-    return run, log_trials, passes, length_bins_of(passes)
+    saved = SavedRun.from_json(run)
+    return run, saved, length_bins_of(saved.passes)
 
 
 def needed_log_lambda(p, log_trials, target):
@@ -70,12 +64,10 @@ def achieved(passes, bins, trials, laws, phase, target):
     return out
 
 
-def heldout_table(run, passes, heldout, heldout_bins) -> None:
-    """Held-out sparsity per bin of ``SKIP_SOFTMAX_CALIB``'s laws refitted from ``passes``, and of the same
-    calibration with each of its steps (per-site cap, fitted length exponent, bin matching) off."""
-    names = [f"site {i}" for i in range(len(passes[0].valid))]
-    saved = SavedRun(passes, trials_of(run), run["calibration"]["targets"] if "calibration" in run else
-                     {"prefill": 0.5, "decode": 0.5})
+def heldout_table(saved: SavedRun, heldout, heldout_bins) -> None:
+    """Held-out sparsity per bin of ``SKIP_SOFTMAX_CALIB``'s laws refitted from ``saved``'s passes, and of the
+    same calibration with each of its steps (per-site cap, fitted length exponent, bin matching) off."""
+    names = [f"site {i}" for i in range(len(saved.passes[0].valid))]
     print("| law | phase | target | held-out sparsity per bin | within ±5 |")
     print("|---|---|---|---|---|")
     variants = law_variants([PRESET.per_site_weight], [PRESET.per_site_cap, 0.0], [1, 0], [1, 0])
@@ -100,15 +92,16 @@ def main() -> None:
     parser.add_argument("--heldout", help="passes measured on held-out samples: print the laws' per-bin sparsity there")
     parser.add_argument("--split", type=int, help="as --heldout, with the run's own samples from this index on held out")
     args = parser.parse_args()
-    run, log_trials, passes, bins = load(args.run)
+    run, saved, bins = load(args.run)
+    passes, log_trials = saved.passes, np.log(np.asarray(saved.trials))
     if args.heldout or args.split is not None:
         if args.heldout:
-            _, _, heldout, heldout_bins = load(args.heldout)
+            _, heldout_run, heldout_bins = load(args.heldout)
+            heldout = heldout_run.passes
         else:
-            heldout = [p for p in passes if p.sample >= args.split]
-            passes = [p for p in passes if p.sample < args.split]
-            heldout_bins = bins
-        heldout_table(run, passes, heldout, heldout_bins)
+            heldout, heldout_bins = [p for p in passes if p.sample >= args.split], bins
+            saved = dataclasses.replace(saved, passes=[p for p in passes if p.sample < args.split])
+        heldout_table(saved, heldout, heldout_bins)
         return
     site_laws = run["calibration"]["site_laws"]
     print("| phase | target | sf = λ·L each bin needs (median over passes) | λ_needed ∝ L^−p | saved laws reach, per bin |")
@@ -124,7 +117,7 @@ def main() -> None:
             medians = {b: (np.median([x for x, _ in v]), np.median([l for _, l in v])) for b, v in sorted(by_bin.items())}
             sf = ", ".join(f"{b // 1024}k {math.exp(x + l):.3g}" for b, (x, l) in medians.items())
             p_exp = -np.polyfit([l for _, l in medians.values()], [x for x, _ in medians.values()], 1)[0]
-            reach = ", ".join(f"{b // 1024}k {100 * s:.0f} %" for b, s in achieved(passes, bins, trials_of(run), laws, phase, target).items())
+            reach = ", ".join(f"{b // 1024}k {100 * s:.0f} %" for b, s in achieved(passes, bins, saved.trials, laws, phase, target).items())
             print(f"| {phase} | {target} | {sf} | p = {p_exp:.2f} | {reach} |")
 
 
