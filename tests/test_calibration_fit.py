@@ -261,3 +261,19 @@ def test_match_length_bins_recovers_the_law_the_bins_follow():
     laws, _, corrections = match_length_bins({"prefill": start}, {}, ["s0", "s1"], passes, trials, fit_exponent=False)
     assert laws["prefill"].p == 1.0 and corrections["prefill"][2] == 0.0
 
+
+
+def test_bin_shortfalls_name_the_bins_that_miss_the_target():
+    from fxsparse.calibration.calibrate import bin_shortfalls
+
+    trials = np.logspace(-9, 2.5, 200)
+    passes = _law_shaped_passes(trials, 10.0, 8.0, 2.0)
+    for p in passes:
+        if p.sample == 0:  # the 1k bin: 40 % of its tiles are never skipped, as with an always-kept first tile
+            np.minimum(p.skipped, 600.0, out=p.skipped)
+    exact = LawFit(float(np.exp(10.0)), 8.0, 1.0, 100, 0.1, 0.9, 2.0)  # the law the other bins follow
+    laws = {"prefill": exact, "decode": exact}
+    assert bin_shortfalls(laws, {}, ["s0", "s1"], passes, trials, {"prefill": 0.5, "decode": 0.5}) == []
+    warnings = bin_shortfalls(laws, {}, ["s0", "s1"], passes, trials, {"prefill": 0.7, "decode": 0.0})
+    assert warnings == ["prefill: the 1024-token length bin reaches 0.60 on the calibration samples, not the target "
+                        "0.70 (at most 0.60 at the largest trial λ)"]

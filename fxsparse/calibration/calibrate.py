@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..assets import essays_dir
 from ..config import CalibrationConfig, SparseAttentionConfig
 from ..sites import PHASE_ROWS, SparseSite, sites_of
-from .fit import LawFit, bin_correction, fit_law, law_points, solve_increasing, tiles_skipped
+from .fit import LawFit, bin_correction, fit_law, law_points, length_bins_of, solve_increasing, tiles_skipped
 from .measure import Recorder, merge_decode, run_sample, sparsity_by_phase, trial_grid
 from .result import CalibrationResult, HeldoutRow
 from .samples import Sample, build_samples
@@ -162,6 +162,35 @@ def match_length_bins(laws, site_laws, names, passes, trials, fit_exponent: bool
     return laws, site_laws, corrections
 
 
+BIN_TOLERANCE = 0.05  # a length bin further than this from its target on the calibration passes is reported
+
+
+def bin_shortfalls(laws, site_laws, names, passes, trials, targets) -> list[str]:
+    """Warnings for the length bins whose mean sparsity on ``passes`` misses the target by more than
+    ``BIN_TOLERANCE`` under the final laws, with what that bin reaches at the largest trial λ.
+
+    Why: the law is one curve in L, and a short bin can sit near its own ceiling (at 1k tokens every query
+    tile keeps its first key tile, a fifth of the valid tiles), so some (bin, target) pairs stay out of reach;
+    the user should hear it from calibration, not from the held-out table alone.
+    """
+    bins, warnings = length_bins_of(passes), []
+    for phase, target in targets.items():
+        if laws.get(phase) is None or target <= 0:
+            continue
+        chosen = [site_laws.get(name, {}).get(phase, laws[phase]) for name in names]
+        for size in sorted(set(bins.values())):
+            group = [p for p in passes if p.phase == phase and bins[p.sample] == size]
+            if not group:
+                continue
+            skipped, valid = tiles_skipped(group, phase, trials, chosen, target)
+            reached = skipped.sum() / max(valid.sum(), 1.0)
+            if abs(reached - target) > BIN_TOLERANCE:
+                ceiling = sum(p.skipped[:, -1].sum() for p in group) / max(sum(p.valid.sum() for p in group), 1.0)
+                warnings.append(f"{phase}: the {size}-token length bin reaches {reached:.2f} on the calibration "
+                                f"samples, not the target {target:.2f} (at most {ceiling:.2f} at the largest trial λ)")
+    return warnings
+
+
 class FittedLaws(NamedTuple):
     laws: dict  # phase → the model-wide LawFit (None: not calibrated)
     site_laws: dict  # site → phase → LawFit (per_site only)
@@ -182,6 +211,7 @@ def laws_from_passes(passes, trials, targets, names, cfg: CalibrationConfig) -> 
         warnings += notes
     if cfg.match_length_bins:
         laws, site_laws, corrections = match_length_bins(laws, site_laws, names, passes, trials, cfg.fit_length_exponent)
+    warnings += bin_shortfalls(laws, site_laws, names, passes, trials, targets)
     return FittedLaws(laws, site_laws, capped, corrections, warnings)
 
 
