@@ -121,17 +121,23 @@ class SparseSite(nn.Module):
         }
 
     @contextlib.contextmanager
-    def measuring(self, trial_thresholds: torch.Tensor) -> Iterator[None]:
-        """Run dense while counting, per phase, the tiles each trial λ would skip.
+    def measuring(self, trial_thresholds: torch.Tensor, dense: bool = True) -> Iterator[None]:
+        """Count, per phase, the tiles each trial λ would skip; run dense (``dense``) or at the site's own λ.
 
-        Inside the block ``stats`` has shape (2, 1 + T); it is restored (zeroed) after.
+        The counts depend only on this site's scores, so they are the same either way; ``dense=False`` lets
+        the later sites see the inputs a sparse model gives them. Inside the block ``stats`` has shape
+        (2, 1 + T); it is restored (zeroed) after, and so is the enable flag.
         """
         device = self.threshold_state.device
+        enabled = self.threshold_state[:, ENABLED].clone()
+        if dense:
+            self.threshold_state[:, ENABLED] = 0.0
         self.trial_thresholds = trial_thresholds.to(device=device, dtype=torch.float32)
         self.stats = torch.zeros(2, 1 + len(trial_thresholds), dtype=torch.int64, device=device)
         try:
             yield
         finally:
+            self.threshold_state[:, ENABLED] = enabled
             self.trial_thresholds = torch.zeros(0, device=device)
             self.stats = self._idle_stats(device)
 

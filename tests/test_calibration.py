@@ -213,3 +213,30 @@ def test_no_tokenizer_at_the_models_path_names_the_path(tmp_path):
         fxsparse.sparsify(model, fxsparse.SKIP_SOFTMAX_CALIB)
     assert f"no tokenizer at the model's path '{tmp_path}'" in str(error.value) and "\n" not in str(error.value)
     assert not fxsparse.sites_of(model)  # refused before the rewrite
+
+
+def test_refit_while_skipping_fits_the_counts_of_a_skipping_model(tokenizer, essays):
+    from fxsparse.calibration.calibrate import laws_from_passes
+    from fxsparse.config import SparseAttentionConfig
+
+    results = {}
+    for refit in (False, True):
+        model = tiny_llama(vocab=len(tokenizer), br=32, bc=32, sharpness=8.0, seed=2)
+        config = _config(essays, per_site=True, heldout_samples=0, refit_while_skipping=refit)
+        results[refit] = fxsparse.calibrate(model, config, tokenizer=tokenizer, trials=TRIALS)
+    dense, skipping = results[False].passes, results[True].passes
+    assert [(p.phase, p.sample, p.kv_len) for p in dense] == [(p.phase, p.sample, p.kv_len) for p in skipping]
+    # the first layer sees the same inputs either way, so counts the same; later layers see a sparse model's
+    first = [p for p in dense if p.phase == "prefill"][0]
+    for d, s in zip(dense, skipping):
+        if d.phase == "prefill" and d.sample == first.sample and d.kv_len == first.kv_len:
+            assert np.array_equal(d.skipped[0], s.skipped[0])
+    assert any(not np.array_equal(d.skipped[1:], s.skipped[1:]) for d, s in zip(dense, skipping))
+    assert "refitted on a skipping model's counts" in results[True].format()
+    assert "refitted" not in results[False].format() and results[True].to_dict()["refit_while_skipping"]
+    # the laws written are the ones the skipping passes give
+    cfg = SparseAttentionConfig.from_dict(config).calibration
+    refitted = laws_from_passes(skipping, results[True].trials, results[True].targets, list(results[True].site_laws), cfg)
+    assert refitted.site_laws == results[True].site_laws != results[False].site_laws
+    for name, site in fxsparse.sites_of(model).items():
+        assert site.law()["prefill"]["a"] == pytest.approx(results[True].site_laws[name]["prefill"].a, rel=1e-6)

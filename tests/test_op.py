@@ -348,9 +348,11 @@ def test_disabled_state_is_dense():
 def test_trial_thresholds_count_like_single_runs(query_len):
     q, k, v = sink_inputs(query_len)
     trials = torch.tensor([0.0, 1e-5, 1e-3, 0.05, 0.5, 5.0])
-    # the state's λ (5.0) must not skip anything while measuring: the output is dense
-    out, stats = run_op(q, k, v, 5.0, trial_thresholds=trials)
-    torch.testing.assert_close(out, run_op(q, k, v, 0.0)[0], rtol=0, atol=1e-12)
+    # the counts use the trials, the output still the state's λ (dense at 0, sparse at 5.0)
+    for lam in (0.0, 5.0):
+        out, stats = run_op(q, k, v, lam, trial_thresholds=trials)
+        torch.testing.assert_close(out, run_op(q, k, v, lam)[0], rtol=0, atol=1e-12)
+    assert not torch.allclose(out, run_op(q, k, v, 0.0)[0])  # λ = 5 does skip here
 
     phase = DECODE if query_len == 1 else PREFILL
     single_runs = [run_op(q, k, v, float(lam))[1][phase] for lam in trials]

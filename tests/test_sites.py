@@ -34,3 +34,23 @@ def test_half_cast_keeps_threshold_state_float32():
     assert model[0].weight.dtype == torch.float16
     assert site.threshold_state.dtype == torch.float32 and site.trial_thresholds.dtype == torch.float32
     assert site.threshold_state[0, THRESHOLD].item() == torch.tensor(1.0001e-4).item()
+
+
+def test_measuring_counts_the_same_dense_or_skipping_and_restores_the_enable_flag():
+    site = SparseSite("m.attn", SiteConfig(threshold=SiteConfig().threshold))
+    site.set_threshold(10.0)  # skips most tiles of these inputs
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 40, 8) for _ in range(3))
+    sparse = _attend(site, q, k, v)
+    trials = torch.tensor([0.1, 10.0])
+    counts, outputs = [], []
+    for dense in (True, False):
+        with site.measuring(trials, dense=dense):
+            outputs.append(_attend(site, q, k, v))
+            counts.append(site.stats.clone())
+        assert site.enabled
+    assert torch.equal(counts[0], counts[1]) and counts[0][0, 2] > 0
+    site.set_enabled(False)
+    torch.testing.assert_close(outputs[0], _attend(site, q, k, v), rtol=0, atol=0)  # dense: as a disabled site
+    torch.testing.assert_close(outputs[1], sparse, rtol=0, atol=0)  # skipping: as the site runs normally
+    assert not torch.allclose(outputs[0], outputs[1])

@@ -70,7 +70,7 @@ def compare(q, k, v, *, lam=0.0, mask=None, causal=False, br=16, bc=16, trials=N
     )
 
     gaps = torch.stack(gaps, -1)
-    log_lam = math.log(lam) if lam > 0 and trials is None else float("-inf")
+    log_lam = math.log(lam) if lam > 0 else float("-inf")
     ref_decisions = ((gaps > float("-inf")) & (gaps >= log_lam)).to(torch.int8)
     differ = decisions != ref_decisions
     near_tie = (gaps - log_lam).abs() < 1e-4
@@ -246,18 +246,22 @@ def test_short_query_runs_split_k_and_matches_reference(case, lam, dtype, monkey
     compare(q, k, v, lam=lam, mask=bias.to(DEVICE), br=br, bc=16)
 
 
-# -- counting (calibration's measuring mode): dense output, every trial λ counted in one pass --
+# -- counting (calibration's measuring mode): every trial λ counted in one pass, the output at the state's λ --
 @here
+@pytest.mark.parametrize("lam", [0.0, 2.0], ids=["dense", "skipping"])
 @pytest.mark.parametrize("lq", [1, 5, 45])  # decode, a short query (split-K), prefill
-def test_counting_matches_reference(lq):
+def test_counting_matches_reference(lq, lam):
     q, k, v = _inputs(2, 4, 2, lq, 90, 16, torch.float32, seed=13)
     trials = [1e-4, 1e-2, 0.1, 0.5, 0.99, 2.0, 5.0]
-    out, stats, _ = compare(q, k, v, causal=True, trials=trials, bc=16)
-    dense = reference_attention(q, k, v, None, True, 16**-0.5, make_threshold_state(0.0, device=DEVICE), 16, 16)
-    assert torch.allclose(out, dense, atol=1e-5)
+    out, stats, _ = compare(q, k, v, lam=lam, causal=True, trials=trials, bc=16)
+    expected = reference_attention(q, k, v, None, True, 16**-0.5, make_threshold_state(lam, device=DEVICE), 16, 16)
+    assert torch.allclose(out, expected, atol=1e-5)
     phase = 1 if lq == 1 else 0
     counts = stats[phase, 1:]
     assert (counts[1:] >= counts[:-1]).all() and counts[-1] > 0  # monotone in λ, and some skipping
+    if lam:
+        dense = reference_attention(q, k, v, None, True, 16**-0.5, make_threshold_state(0.0, device=DEVICE), 16, 16)
+        assert counts[trials.index(lam)] > 0 and not torch.allclose(out, dense, atol=1e-5)  # λ = 2 skips tiles here
 
 
 @here

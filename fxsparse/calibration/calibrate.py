@@ -224,6 +224,20 @@ def write_laws(sites, laws, site_laws, targets) -> None:
 
 
 @torch.no_grad()
+def measure(model, sites, trials, samples: list[Sample], forward_loop, cfg: CalibrationConfig, dense: bool = True):
+    """The passes of the user's ``forward_loop`` and the ``samples`` in measuring mode (``dense=False``: the
+    sites skip at their laws while they count), decode steps merged per sample."""
+    with Recorder(model, sites, trials, dense) as recorder:
+        if forward_loop is not None:
+            forward_loop(model)
+        desc = "fxsparse calibration" + ("" if dense else " (skipping)")
+        for index, sample in enumerate(tqdm(samples, desc=desc, leave=False)):
+            recorder.sample = index
+            run_sample(model, sample.input_ids, cfg.chunk_size, cfg.decode_steps)
+    return merge_decode(recorder.passes)
+
+
+@torch.no_grad()
 def heldout_check(model, sites, samples: list[Sample], cfg: CalibrationConfig, targets) -> list[HeldoutRow]:
     """Run the calibrated (sparse) law on held-out samples; achieved sparsity per phase and bin."""
     totals: dict[tuple[str, int], list[int]] = {}
@@ -286,7 +300,8 @@ def calibrate(
     trials: torch.Tensor | None = None,
 ) -> CalibrationResult:
     """Fit ``λ = a·exp(b·S)/L^p`` per phase (and per site when ``per_site``, capped with ``per_site_cap``),
-    match it to the length bins' mean sparsity (``match_length_bins``) and write it into the sites.
+    match it to the length bins' mean sparsity (``match_length_bins``) and write it into the sites; with
+    ``refit_while_skipping``, measure again with the sites skipping at those laws and fit again.
 
     Args:
         model: a model rewritten by ``fxsparse.sparsify`` (its ``SparseSite`` modules are found by
@@ -318,20 +333,13 @@ def calibrate(
     split = len(samples) - cfg.heldout_samples if tokenizer is not None else 0
     fit_samples, heldout_samples = samples[:split], samples[split:]
 
-    # -- run data: every forward call under measuring mode becomes one pass per phase --
-    with torch.no_grad(), Recorder(model, sites, trials) as recorder:
-        if forward_loop is not None:
-            forward_loop(model)
-        for index, sample in enumerate(tqdm(fit_samples, desc="fxsparse calibration", leave=False)):
-            recorder.sample = index
-            run_sample(model, sample.input_ids, cfg.chunk_size, cfg.decode_steps)
-    passes = merge_decode(recorder.passes)
+    # -- run data (dense), fit, write the buffers; optionally measure again while skipping at those laws --
     trial_values = trials.tolist()
-
-    # -- convert: fit, write the buffers, check on held-out samples --
-    fitted = laws_from_passes(passes, trial_values, targets, list(sites), cfg)
+    for dense in (True, False)[: 1 + cfg.refit_while_skipping]:
+        passes = measure(model, sites, trials, fit_samples, forward_loop, cfg, dense)
+        fitted = laws_from_passes(passes, trial_values, targets, list(sites), cfg)
+        write_laws(sites, fitted.laws, fitted.site_laws, targets)
     laws, site_laws, warnings = fitted.laws, fitted.site_laws, fitted.warnings
-    write_laws(sites, laws, site_laws, targets)
     for warning in warnings:
         logger.warning("calibration: %s", warning)
 
@@ -341,6 +349,6 @@ def calibrate(
                                time.perf_counter() - start, site_laws, heldout, warnings, passes,
                                per_site_weight=cfg.per_site_weight if cfg.per_site else None,
                                per_site_cap=cfg.per_site_cap if cfg.per_site else None, capped=fitted.capped,
-                               bin_corrections=fitted.corrections)
+                               bin_corrections=fitted.corrections, refit_while_skipping=cfg.refit_while_skipping)
     logger.info("%s", result.format())
     return result

@@ -1,6 +1,7 @@
 """Measurement: run data through the rewritten model while its sites count skippable tiles.
 
-Mechanism only. While ``site.measuring(trials)`` is active the op runs dense and adds, per phase,
+Mechanism only. While ``site.measuring(trials)`` is active the op runs dense (or, with ``dense=False``, at
+the site's own λ) and adds, per phase,
 ``[valid tiles, tiles skipped under trial λ_0, ..., λ_{T-1}]`` to ``site.stats`` — the whole trial
 grid in one pass. A forward hook on the model turns every forward call into one ``Pass`` record per
 phase that ran (and resets the counters), with ``kv_len`` = the key length Lk of that call::
@@ -61,10 +62,11 @@ def _kv_len(args, kwargs) -> int:
 
 
 class Recorder:
-    """Measuring mode on ``sites`` plus a hook that records one ``Pass`` per phase per forward call."""
+    """Measuring mode on ``sites`` plus a hook that records one ``Pass`` per phase per forward call
+    (``dense=False``: the sites skip at their own λ while they count)."""
 
-    def __init__(self, model: nn.Module, sites: Mapping[str, SparseSite], trials: torch.Tensor):
-        self.model, self.sites, self.trials = model, dict(sites), trials
+    def __init__(self, model: nn.Module, sites: Mapping[str, SparseSite], trials: torch.Tensor, dense: bool = True):
+        self.model, self.sites, self.trials, self.dense = model, dict(sites), trials, dense
         self.passes: list[Pass] = []
         self.sample = 0
         self._pending_len = 0
@@ -72,7 +74,7 @@ class Recorder:
 
     def __enter__(self) -> "Recorder":
         for site in self.sites.values():
-            self._stack.enter_context(site.measuring(self.trials))
+            self._stack.enter_context(site.measuring(self.trials, self.dense))
         pre = self.model.register_forward_pre_hook(self._before, with_kwargs=True)
         post = self.model.register_forward_hook(self._after)
         self._stack.callback(pre.remove)

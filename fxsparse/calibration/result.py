@@ -39,6 +39,8 @@ class CalibrationResult:
         capped: per phase, the sites held at the cap.
         bin_corrections: per phase, the (c, d, q) that ``calibrate.match_length_bins`` added to every law's
             ln λ as ``c + d·S − q·ln L``; empty when it was off.
+        refit_while_skipping: the passes (and laws) come from a second measurement with the sites skipping
+            at the first fit's laws.
     """
 
     laws: dict[str, LawFit | None]
@@ -56,6 +58,7 @@ class CalibrationResult:
     per_site_cap: float | None = None
     capped: dict[str, list[str]] = field(default_factory=dict)
     bin_corrections: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    refit_while_skipping: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -66,6 +69,7 @@ class CalibrationResult:
             "per_site_cap": self.per_site_cap,
             "capped": {phase: list(names) for phase, names in self.capped.items()},
             "bin_corrections": {phase: list(c) for phase, c in self.bin_corrections.items()},
+            "refit_while_skipping": self.refit_while_skipping,
             "site_laws": {s: {p: law.to_dict() for p, law in laws.items()} for s, laws in self.site_laws.items()},
             "heldout": [{**vars(row), "error": row.error} for row in self.heldout],
             "num_samples": self.num_samples,
@@ -86,6 +90,8 @@ class CalibrationResult:
                 mode += f", capped at {self.per_site_cap:g}x the target ({held} sites at the cap)"
         if self.bin_corrections:
             mode += ", matched to the length bins"
+        if self.refit_while_skipping:
+            mode += ", refitted on a skipping model's counts"
         lines = [f"calibration: {self.num_samples} samples, {self.num_passes} measured passes, "
                  f"{len(self.trials)} trial thresholds, {mode}, {self.seconds:.1f} s",
                  f"{'phase':<8} {'target':>6} {'a':>11} {'b':>8} {'p':>6} {'R^2':>6} {'points':>6} {'observed S':>13}"]

@@ -110,8 +110,8 @@ def reference_attention(
         threshold_state: (2, 6) state (see ``threshold.py``), read for this call's phase.
         stats: int64 (2, 1 + T) accumulator or None: column 0 += valid tiles, column 1 + t += valid
             tiles skipped under threshold t (the state's λ when no trials are given).
-        trial_thresholds: float (T,) trial λ values; when given the output is dense and only the
-            counts use the trials (calibration's measuring mode).
+        trial_thresholds: float (T,) trial λ values; when given the counts use the trials instead of
+            the state's λ (calibration's measuring mode); the output still follows the state.
         tile_gaps_out: if a list, receives the (B, Hq, nI) tile gaps of every key tile (tests).
     Returns:
         (B, Hq, Lq, Dv) in q's dtype; rows with nothing unmasked are 0.
@@ -122,13 +122,9 @@ def reference_attention(
     dtype = _compute_dtype(q.dtype)
     phase = phase_of(query_len)
 
+    log_lam = log_threshold(threshold_state, phase, kv_len).to(q.device)
     measuring = trial_thresholds is not None and trial_thresholds.numel() > 0
-    if measuring:
-        log_lam = torch.tensor(NEG_INF, device=q.device)  # dense output
-        count_log_lams = torch.log(trial_thresholds.float().to(q.device))
-    else:
-        log_lam = log_threshold(threshold_state, phase, kv_len).to(q.device)
-        count_log_lams = log_lam.reshape(1)
+    count_log_lams = torch.log(trial_thresholds.float().to(q.device)) if measuring else log_lam.reshape(1)
 
     attn_mask, is_causal = drop_causal_mask(attn_mask, is_causal, query_len, kv_len)
     q_grouped = q.to(dtype).reshape(batch, num_kv_heads, group, query_len, head_dim)

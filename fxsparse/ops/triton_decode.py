@@ -153,9 +153,8 @@ def decode_attend_kernel(
 
     log_lam2 = log2_threshold(state_ptr, phase, kv_len)
     offs_trial = tl.arange(0, T_PAD)
-    if COUNT_MODE == 2:
+    if COUNT_MODE == 2:  # measuring: count every trial λ (the output still follows the state's λ)
         trials2 = tl.load(trials_ptr + offs_trial, mask=offs_trial < num_trials, other=float("-inf"))
-        log_lam2 = float("-inf")
     else:
         trials2 = tl.where(offs_trial == 0, log_lam2, float("-inf"))
 

@@ -12,8 +12,8 @@ SPEC §4). Scores live in exp2 space (``qk · scale · log2 e``), so the vote co
                                  skip: m ← max(m, m̃), acc and l rescaled; no exp, no P·V (no V load
                                  when SKIP_V_LOAD)        keep: the usual online-softmax step
 
-The same kernel counts (COUNT_MODE 1: the state's λ; 2: a vector of trial λ with a dense output, the
-calibration's measuring mode). λ is read from the (2, 6) threshold state in the kernel, never a constexpr:
+The same kernel counts (COUNT_MODE 1: the state's λ; 2: a vector of trial λ, the calibration's measuring
+mode, while the output still follows the state's λ). λ is read from the (2, 6) threshold state in the kernel, never a constexpr:
 each program picks at run time between the voting loop and a branch-free dense loop (λ = 0, and at most
 a count of valid tiles without an explicit mask), because the data-dependent skip branch costs the dense
 path ~16 % on H200 (the pipeliner cannot overlap across it). On Hopper, K and V tiles come through tensor
@@ -203,9 +203,8 @@ def prefill_kernel(
     # -- this call's λ (log2) and the thresholds the counters compare against --
     log_lam2 = log2_threshold(state_ptr, phase, kv_len)
     offs_t = tl.arange(0, T_PAD)
-    if COUNT_MODE == 2:  # measuring: dense output, count every trial λ
+    if COUNT_MODE == 2:  # measuring: count every trial λ (the output still follows the state's λ)
         trials2 = tl.load(trials_ptr + offs_t, mask=offs_t < num_trials, other=float("-inf"))
-        log_lam2 = float("-inf")
     else:
         trials2 = tl.where(offs_t == 0, log_lam2, float("-inf"))
 
