@@ -262,7 +262,6 @@ def test_match_length_bins_recovers_the_law_the_bins_follow():
     assert laws["prefill"].p == 1.0 and corrections["prefill"][2] == 0.0
 
 
-
 def test_bin_shortfalls_name_the_bins_that_miss_the_target():
     from fxsparse.calibration.calibrate import bin_shortfalls
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..assets import essays_dir
 from ..config import CalibrationConfig, SparseAttentionConfig
 from ..sites import PHASE_ROWS, SparseSite, sites_of
-from .fit import LawFit, bin_correction, fit_law, law_points, length_bins_of, solve_increasing, tiles_skipped
+from .fit import LawFit, bin_correction, fit_law, law_points, passes_by_bin, solve_increasing, tiles_skipped
 from .measure import Recorder, merge_decode, run_sample, sparsity_by_phase, trial_grid
 from .result import CalibrationResult, HeldoutRow
 from .samples import Sample, build_samples
@@ -173,15 +173,12 @@ def bin_shortfalls(laws, site_laws, names, passes, trials, targets) -> list[str]
     tile keeps its first key tile, a fifth of the valid tiles), so some (bin, target) pairs stay out of reach;
     the user should hear it from calibration, not from the held-out table alone.
     """
-    bins, warnings = length_bins_of(passes), []
+    warnings = []
     for phase, target in targets.items():
         if laws.get(phase) is None or target <= 0:
             continue
         chosen = [site_laws.get(name, {}).get(phase, laws[phase]) for name in names]
-        for size in sorted(set(bins.values())):
-            group = [p for p in passes if p.phase == phase and bins[p.sample] == size]
-            if not group:
-                continue
+        for size, group in passes_by_bin(passes, phase).items():
             skipped, valid = tiles_skipped(group, phase, trials, chosen, target)
             reached = skipped.sum() / max(valid.sum(), 1.0)
             if abs(reached - target) > BIN_TOLERANCE:
@@ -335,7 +332,8 @@ def calibrate(
 
     # -- run data (dense), fit, write the buffers; optionally measure again while skipping at those laws --
     trial_values = trials.tolist()
-    for dense in (True, False)[: 1 + cfg.refit_while_skipping]:
+    rounds = (True, False) if cfg.refit_while_skipping else (True,)  # dense, then skipping at the first laws
+    for dense in rounds:
         passes = measure(model, sites, trials, fit_samples, forward_loop, cfg, dense)
         fitted = laws_from_passes(passes, trial_values, targets, list(sites), cfg)
         write_laws(sites, fitted.laws, fitted.site_laws, targets)

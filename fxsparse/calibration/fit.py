@@ -133,6 +133,15 @@ def length_bins_of(passes: Sequence[Pass]) -> dict[int, int]:
     return {sample: 1 << max(0, math.ceil(math.log2(length))) for sample, length in prompt.items()}
 
 
+def passes_by_bin(passes: Sequence[Pass], phase: str) -> dict[int, list[Pass]]:
+    """{length bin: its passes of ``phase``} in increasing bin order, bins without such passes left out."""
+    bins, groups = length_bins_of(passes), {}
+    for p in passes:
+        if p.phase == phase:
+            groups.setdefault(bins[p.sample], []).append(p)
+    return dict(sorted(groups.items()))
+
+
 def solve_increasing(excess: Callable[[np.ndarray], np.ndarray], shape=(), bound: float = 20.0) -> np.ndarray:
     """Elementwise root of an increasing ``excess(x)`` in [-bound, bound] by bisection (a bound if none)."""
     low, high = np.full(shape, -bound), np.full(shape, bound)
@@ -195,12 +204,8 @@ def bin_correction(
     weighted by dS/df, i.e. in sparsity: a bin where λ barely moves sparsity counts little. A bin that cannot
     reach S inside the trial grid gives no point; too few points give no correction.
     """
-    bins = length_bins_of(passes)
     points, shifts, slopes = [], [], []
-    for size in sorted(set(bins.values())):
-        group = [p for p in passes if p.phase == phase and bins[p.sample] == size]
-        if not group:
-            continue
+    for group in passes_by_bin(passes, phase).values():
         log_len = float(np.mean([math.log(p.kv_len) for p in group]))
         for target in grid:
             def mean(shift: float) -> float:  # the bin's mean sparsity with every λ scaled by e^shift
