@@ -64,9 +64,9 @@ class SiteConfig:
         threshold: fixed λ per phase (λ ≥ 0; 0 never skips). Calibration replaces it by a law.
         br, bc: query/key tile sizes of the skip decision (powers of two).
         backend: ``"triton"`` (CUDA), ``"pytorch"`` (exact reference, any device) or ``"auto"``
-            (triton on CUDA when available, pytorch otherwise).
+            (triton for CUDA tensors, pytorch otherwise).
         collect_stats: count valid and skipped tiles per phase.
-        enable: rewrite this site to the sparse op; a disabled site runs dense.
+        enable: skip tiles at this site; a disabled site is still rewritten and runs the op densely (λ = 0).
     """
 
     method: str = "flash_skip_softmax"
@@ -101,9 +101,10 @@ class CalibrationConfig:
             15/20 vs 10/20 and 13/20); w = 1 measured best above ~50 % achieved sparsity (bench/ACCURACY.md).
         per_site_cap: with per_site, no site may be sparser than this multiple of the phase target on the
             calibration data; the uncapped sites share one λ factor so the mean still meets the target
-            (``calibrate.cap_site_laws``). None: no cap. On SmolLM2 the cap keeps the
-            needles at 4k that one law loses (NIAH 81/100 = dense's 80 vs 75/100 uncapped) for about twice the
-            uncapped KL on plain text (0.005 vs 0.002 nats; bench/ACCURACY.md).
+            (``calibrate.cap_site_laws``). None: no cap. On SmolLM2 (with p = 1) the cap kept the
+            needles at 4k that one law loses (NIAH 81/100, dense 80, vs 75/100 uncapped) for about twice the
+            uncapped KL on plain text (0.005 vs 0.002 nats); the default with p fitted finds dense's 80/100 at
+            0.0038 nats (bench/ACCURACY.md).
         fit_length_exponent: fit p in λ = a·exp(b·S)/L^p (model-wide per phase, shared by the sites) when the
             samples span lengths; False keeps Model Optimizer's p = 1, the law TensorRT-LLM and vLLM compute (an
             exported checkpoint's Model Optimizer group gets the 1/L law equal to the fitted one at 4096 tokens).
@@ -118,7 +119,8 @@ class CalibrationConfig:
             counts on the inputs of a dense model; sparse earlier layers make later layers' scores flatter, and
             a model that skips lands 1–3 points (decode up to ~7) under the target. Doubles the measuring time.
             On SmolLM2 it brought the held-out check with real skipping from 10 to 11 of 12 prefill cells within
-            ±5 points and from 7 to 9 of 12 decode cells (bench/ACCURACY.md); its NIAH and KL are not measured yet.
+            ±5 points and from 7 to 9 of 12 decode cells, at the default's KL, but found 79/100 needles at 4k
+            against dense's and the default's 80 (38/40 at 2k against 36; bench/ACCURACY.md).
         heldout_samples: samples kept out of the fit to report achieved sparsity.
         seed: sample generation seed (the global RNG is never touched).
         data_dir: directory of Paul Graham essays (None: the fxsparse asset cache).
@@ -350,4 +352,5 @@ SKIP_SOFTMAX_CALIB: dict[str, Any] = {
         "default": {"enable": False},
     }
 }
-"""Calibrated thresholds: λ = a·exp(b·S)/L fitted per phase for a target sparsity S = 0.5."""
+"""Calibrated thresholds for a target sparsity S = 0.5: λ = a·exp(b·S)/L^p per phase and per site (pooled toward
+the model-wide law, capped, matched to the length bins; ``CalibrationConfig``'s defaults)."""

@@ -8,8 +8,8 @@ sentence (the "needle") that holds the answer::
                     └──────────── kept head ──────────────┘      ...cut...      └──────── kept tail ────────┘
 
 Prompts longer than ``seq_len`` tokens lose their middle (head and tail, with the question, stay).
-Dense and sparse runs use the same rewritten model: "dense" disables every site (λ = 0), so the two
-differ only by the skipped tiles.
+"Dense" is the original model's answer, generated before ``sparsify`` (the command line does this); without
+it, the rewritten model with every site disabled (λ = 0), so the two differ only by the skipped tiles.
 """
 
 from __future__ import annotations

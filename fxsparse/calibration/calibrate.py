@@ -140,7 +140,8 @@ def match_length_bins(laws, site_laws, names, passes, trials, fit_exponent: bool
 
     Why: the fit is least squares in ln λ over single passes, and a per-site cap moves λ further; neither
     aims at what a held-out check measures, a bin's tile-weighted mean. On SmolLM2 the fitted laws missed it
-    by up to 10 points per bin; matched, held-out bins land within 5 (bench/ACCURACY.md).
+    by up to 10 points per bin; matched, 10 of 12 held-out prefill cells (1k–8k × 0.3/0.5/0.7) land within 5 with
+    real skipping (bench/ACCURACY.md).
     ``site_laws`` may be empty (one model-wide law); ``names`` are all sites in the passes' order.
     Returns ``(laws, site_laws, corrections)``, corrections per phase as ``(c, d, q)``.
     """

@@ -32,8 +32,8 @@ class CalibrationResult:
         targets: target sparsity per phase.
         heldout: achieved vs target per phase and length bin on held-out samples.
         warnings: targets outside the observed range, phases or sites left uncalibrated.
-        passes: the measured ``measure.Pass`` records (not in ``to_dict``): refit with
-            ``calibration.calibrate.fit_laws`` without measuring again.
+        passes: the measured ``measure.Pass`` records (not in ``to_dict``): rebuild the written
+            laws (or another config's) with ``calibration.calibrate.laws_from_passes`` without measuring again.
         per_site_weight: how far the site laws keep their own fit (``LawFit.pooled_toward``), per_site only.
         per_site_cap: the sparsity cap, as a multiple of the target (``calibrate.cap_site_laws``); None: none.
         capped: per phase, the sites held at the cap.

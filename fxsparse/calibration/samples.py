@@ -8,7 +8,7 @@ whose prompt *and* answer tokens fit its bin::
     samples = build_samples(tokenizer, num_samples=16, max_seqlen=4096, seed=0)
     samples[0].input_ids, samples[0].answer, samples[0].bin
 
-Sample ``i`` uses its own ``random.Random((seed, i))`` stream, so samples are reproducible one by one
+Sample ``i`` uses its own ``random.Random(f"{seed}/{i}")`` stream, so samples are reproducible one by one
 and the global RNGs are never touched. Results are cached as JSON under ``<cache>/samples/``, keyed on
 the tokenizer (class, vocabulary, special tokens, chat template), the parameters and the essays.
 """

@@ -1,8 +1,8 @@
 """Graph surgery: replace each matched attention by one ``fxsparse::skip_softmax_attention`` call.
 
 How the op reaches its site's buffers is the caller's choice, passed in as ``site_inputs``:
-``get_attr`` nodes on the GraphModule (read at call time), extra graph inputs (Inductor), or
-buffer placeholders (torch.export). Only nodes of a match are erased, and only once they are
+``get_attr`` nodes on the GraphModule (read at call time; also the unlifted torch.export module), or
+extra graph inputs (Inductor). Only nodes of a match are erased, and only once they are
 dead: no general dead-code elimination runs, because FX does not know that Dynamo's in-place
 ``call_method`` nodes (the KV cache's ``index_copy_``) have side effects.
 """
