@@ -48,7 +48,7 @@ import fxsparse
 from fxsparse.api import COMPILER_ATTRIBUTE
 from fxsparse.assets import essays_dir, load_default_model
 from fxsparse.calibration.calibrate import FittedLaws, heldout_check, laws_from_passes, write_laws
-from fxsparse.calibration.fit import solve_increasing, tiles_skipped
+from fxsparse.calibration.fit import mean_sparsity, solve_increasing
 from fxsparse.calibration.measure import Pass, cache_kwargs, run_sample, sparsity_by_phase
 from fxsparse.calibration.samples import Sample, build_samples, length_bins
 from fxsparse.calibration.tasks import Corpus
@@ -240,13 +240,11 @@ def _spared(site_laws: dict, passes: list[Pass], trials: list[float], spare: str
         raise ValueError(f"--spare: {pattern!r} matches no site; sites are {names}")
     base = [site_laws[name]["prefill"] for name in names]
 
-    def mean_sparsity(log_factors: np.ndarray) -> float:
-        laws = [law.scaled(np.exp(f)) for law, f in zip(base, log_factors)]
-        skipped, valid = tiles_skipped(passes, "prefill", trials, laws, target)
-        return float(skipped.sum() / valid.sum())
+    def mean(log_factors: np.ndarray) -> float:
+        return mean_sparsity(passes, "prefill", trials, [law.scaled(np.exp(f)) for law, f in zip(base, log_factors)], target)
 
-    spared_log, wanted = np.log(float(scale)), mean_sparsity(np.zeros(len(names)))
-    other_log = solve_increasing(lambda f: mean_sparsity(np.where(spared, spared_log, f)) - wanted)
+    spared_log, wanted = np.log(float(scale)), mean(np.zeros(len(names)))
+    other_log = solve_increasing(lambda f: mean(np.where(spared, spared_log, f)) - wanted)
     factors = np.exp(np.where(spared, spared_log, other_log))
     logging.info("--spare %s: %d sites x%s, the other %d x%.3g (mean prefill sparsity of the passes %.3f)", pattern,
                  spared.sum(), scale, (~spared).sum(), np.exp(other_log), wanted)

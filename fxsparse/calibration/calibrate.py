@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from ..assets import essays_dir
 from ..config import CalibrationConfig, SparseAttentionConfig
 from ..sites import PHASE_ROWS, SparseSite, sites_of
-from .fit import LawFit, bin_correction, fit_law, law_points, passes_by_bin, solve_increasing, tiles_skipped
+from .fit import (LawFit, bin_correction, fit_law, law_points, mean_sparsity, passes_by_bin, solve_increasing,
+                  tiles_skipped)
 from .measure import Recorder, merge_decode, run_sample, sparsity_by_phase, trial_grid
 from .result import CalibrationResult, HeldoutRow
 from .samples import Sample, build_samples
@@ -115,13 +116,12 @@ def cap_site_laws(site_laws, passes, trials, targets, cap: float):
             skipped, valid = tiles_skipped(passes, phase, trials, scaled(log_factors), target)
             return skipped / np.maximum(valid, 1.0)
 
-        def mean_sparsity(log_factors: np.ndarray) -> float:
-            skipped, valid = tiles_skipped(passes, phase, trials, scaled(log_factors), target)
-            return float(skipped.sum() / max(valid.sum(), 1.0))
+        def mean(log_factors: np.ndarray) -> float:
+            return mean_sparsity(passes, phase, trials, scaled(log_factors), target)
 
         ceiling = solve_increasing(lambda f: site_sparsity(f) - cap * target, len(names))
-        common = solve_increasing(lambda f: mean_sparsity(np.minimum(f, ceiling)) - target)
-        reached = mean_sparsity(np.minimum(common, ceiling))
+        common = solve_increasing(lambda f: mean(np.minimum(f, ceiling)) - target)
+        reached = mean(np.minimum(common, ceiling))
         if abs(reached - target) > 0.01:
             warnings.append(f"{phase}: with each site capped at {cap:g}x the target, the calibration data reach "
                             f"{reached:.2f} on average, not the target {target:.2f}")
@@ -129,6 +129,11 @@ def cap_site_laws(site_laws, passes, trials, targets, cap: float):
         for name, law in zip(names, scaled(np.minimum(common, ceiling))):
             out[name][phase] = law
     return out, capped, warnings
+
+
+def laws_by_site(laws, site_laws, names, phase) -> list[LawFit]:
+    """Each site's law of ``phase`` in ``names`` order: its own when in ``site_laws``, else the model-wide one."""
+    return [site_laws.get(name, {}).get(phase, laws[phase]) for name in names]
 
 
 MATCH_ROUNDS = 3  # bin_correction linearises in ln λ; three rounds settle it to ~0.1 point on SmolLM2
@@ -152,8 +157,7 @@ def match_length_bins(laws, site_laws, names, passes, trials, fit_exponent: bool
             continue
         total = np.zeros(3)
         for _ in range(MATCH_ROUNDS):
-            chosen = [site_laws.get(name, {}).get(phase, laws[phase]) for name in names]
-            step = bin_correction(passes, phase, trials, chosen, fit_exponent)
+            step = bin_correction(passes, phase, trials, laws_by_site(laws, site_laws, names, phase), fit_exponent)
             total += step
             laws[phase] = laws[phase].shifted(*step)
             for fits in site_laws.values():
@@ -178,10 +182,9 @@ def bin_shortfalls(laws, site_laws, names, passes, trials, targets) -> list[str]
     for phase, target in targets.items():
         if laws.get(phase) is None or target <= 0:
             continue
-        chosen = [site_laws.get(name, {}).get(phase, laws[phase]) for name in names]
+        chosen = laws_by_site(laws, site_laws, names, phase)
         for size, group in passes_by_bin(passes, phase).items():
-            skipped, valid = tiles_skipped(group, phase, trials, chosen, target)
-            reached = skipped.sum() / max(valid.sum(), 1.0)
+            reached = mean_sparsity(group, phase, trials, chosen, target)
             if abs(reached - target) > BIN_TOLERANCE:
                 ceiling = sum(p.skipped[:, -1].sum() for p in group) / max(sum(p.valid.sum() for p in group), 1.0)
                 warnings.append(f"{phase}: the {size}-token length bin reaches {reached:.2f} on the calibration "

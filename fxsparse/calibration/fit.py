@@ -121,6 +121,14 @@ def tiles_skipped(
     return (below + weight * (above - below)).sum(0), valid.sum(0)
 
 
+def mean_sparsity(
+    passes: Sequence[Pass], phase: str, trials: Sequence[float], laws: Sequence[LawFit], target: float
+) -> float:
+    """The tile-weighted mean sparsity over all sites of ``tiles_skipped`` (0 without valid tiles)."""
+    skipped, valid = tiles_skipped(passes, phase, trials, laws, target)
+    return float(skipped.sum() / max(valid.sum(), 1.0))
+
+
 def length_bins_of(passes: Sequence[Pass]) -> dict[int, int]:
     """{sample: length bin}, the power of two the sample's longest prefill pass (its prompt) fits in, as the
     held-out check bins samples; decode steps may run past it."""
@@ -209,8 +217,7 @@ def bin_correction(
         log_len = float(np.mean([math.log(p.kv_len) for p in group]))
         for target in grid:
             def mean(shift: float) -> float:  # the bin's mean sparsity with every λ scaled by e^shift
-                skipped, valid = tiles_skipped(group, phase, trials, [law.scaled(math.exp(shift)) for law in laws], target)
-                return float(skipped.sum() / max(valid.sum(), 1.0))
+                return mean_sparsity(group, phase, trials, [law.scaled(math.exp(shift)) for law in laws], target)
 
             shift = float(solve_increasing(lambda f: mean(float(f)) - target))
             slope = (mean(shift + 0.05) - mean(shift - 0.05)) / 0.1
