@@ -25,13 +25,13 @@ POINTERS = dict(
     q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", mask_ptr="*u8", kinds_ptr="*i8",
     state_ptr="*fp32", trials_ptr="*fp32", stats_ptr="*i64", dec_ptr="*i8", scores_ptr="*fp32",
     tile_max_ptr="*fp32", part_acc_ptr="*fp32", part_l_ptr="*fp32", part_m_ptr="*fp32",
-    keep_heads_ptr="*i32", kept_ptr="*i32",
+    keep_heads_ptr="*i32", kept_ptr="*i32", log_lam_ptr="*fp32",
 )
 FLOATS = {"scale", "mask_min"}
 CONSTEXPRS = dict(
     HEAD_DIM=128, VALUE_DIM=128, D_PAD=128, DV_PAD=128, BLOCK_M=128, BLOCK_N=128, BLOCK_G=16, BLOCK_T=1, T_PAD=2,
     IS_CAUSAL=True, MASK_KIND=0, COUNT_MODE=0, SKIP_V_LOAD=True, DEBUG=False, DOT_PRECISION="tf32",
-    USE_TMA=True, PREFIX_CHUNK=256, DECIDE_CHUNK=16, S_PAD=64,
+    USE_TMA=True, PREFIX_CHUNK=256, DECIDE_CHUNK=16, S_PAD=64, COUNT=False, num_warps=8,
 )
 # (kernel, overrides of CONSTEXPRS, num_warps, num_stages): the launch configs the host code uses
 VARIANTS = [
@@ -47,6 +47,8 @@ VARIANTS = [
     ("decode_scores_kernel", dict(BLOCK_G=8, BLOCK_T=8, MASK_KIND=2), 8, 3),  # 64 rows
     ("decode_attend_kernel", dict(BLOCK_G=8, BLOCK_T=8, COUNT_MODE=2, T_PAD=64), 8, 3),
     ("decode_combine_kernel", {}, 4, 1),
+    ("gluon_prefill_kernel", {}, 8, 1),
+    ("gluon_prefill_kernel", dict(HEAD_DIM=64, IS_CAUSAL=False, COUNT=True, DEBUG=True), 8, 1),
 ]
 
 
@@ -56,7 +58,7 @@ def load_kernels():
     package.__path__ = [str(OPS)]
     sys.modules["fxsparse_ops"] = package
     kernels = {}
-    for name in ("triton_prefill", "triton_decode"):
+    for name in ("triton_prefill", "triton_decode", "gluon_prefill"):
         spec = importlib.util.spec_from_file_location(f"fxsparse_ops.{name}", OPS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
@@ -88,7 +90,10 @@ def main() -> int:
             # strides that are multiples of 16 (masks, scratch and partials may have any stride)
             aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                        if a in POINTERS or a[:8] in ("stride_q", "stride_k", "stride_v", "stride_o")}
-            source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+            source_type = triton.compiler.ASTSource
+            if getattr(fn, "is_gluon", lambda: False)():
+                from triton.experimental.gluon._runtime import GluonASTSource as source_type
+            source = source_type(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                       options=dict(num_warps=num_warps, num_stages=num_stages))
         except Exception as exc:  # the compiler's message is the result

@@ -176,6 +176,7 @@ def main():
     args = ap.parse_args()
     all_variants = {
         "base": {},
+        "triton": dict(gluon=False),  # the Triton prefill kernel where the Gluon one would run
         "w8s3": dict(num_warps=8, num_stages=3),
         "w8s4": dict(num_warps=8, num_stages=4),
         "w8s2": dict(num_warps=8, num_stages=2),

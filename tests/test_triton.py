@@ -305,6 +305,30 @@ def test_gpu_prefill_head_dims(dtype, d):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("kernel", ["gluon", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_prefill_kernels_skip_and_keep(kernel, dtype, d, monkeypatch):
+    """Both Hopper prefill kernels (Gluon, Triton) from no skip to most tiles skipped: ragged lengths, GQA,
+    Lq < Lk and Lq > Lk (rows that see nothing), causal and not, stats on."""
+    if kernel == "gluon" and (triton_attention.gluon_prefill_kernel is None
+                              or torch.cuda.get_device_capability() != (9, 0)):
+        pytest.skip("the Gluon prefill kernel runs on Hopper (sm_90) with Gluon")
+    monkeypatch.setitem(triton_attention.PREFILL_OVERRIDES, "gluon", kernel == "gluon")
+    launches, launch = [], triton_attention._launch_gluon_prefill
+    monkeypatch.setattr(triton_attention, "_launch_gluon_prefill", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    q, k, v = _inputs(2, 8, 2, 2500, 2500, d, torch.float32, seed=d)
+    q, k, v = (q * 2.5).to(dtype), k.to(dtype), v.to(dtype)  # peaked scores: gaps of several nats between tiles
+    for lam in (0.0, 0.05, 0.5, 3.0):
+        compare(q, k, v, lam=lam, causal=True, br=128, bc=128, rtol=1e-2)
+    compare(q[:, :, 700:1900], k, v, lam=0.3, causal=True, br=128, bc=128, rtol=1e-2)  # Lq < Lk, bottom-right
+    compare(q, k[:, :, :1000], v[:, :, :1000], lam=0.3, causal=True, br=128, bc=128, rtol=1e-2)  # Lq > Lk
+    compare(q[:, :, :1000], k[:, :, :1999], v[:, :, :1999], lam=0.1, causal=False, br=128, bc=128, rtol=1e-2)
+    assert len(launches) == (7 if kernel == "gluon" else 0)
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_masks_decode_counting(dtype):
     q, k, v = _inputs(2, 8, 2, 300, 900, 128, dtype, seed=21)

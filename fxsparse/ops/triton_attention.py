@@ -3,8 +3,10 @@
 ``skip_softmax_attention`` has the contract of ``reference_attention`` (SPEC §4); the op in ``op.py``
 calls it for CUDA tensors. Short queries go to the split-K kernels of ``triton_decode.py``: decode
 (Lq == 1) always, and Lq ≤ br (speculative or chunked steps: one query tile per head) while a KV head's
-query rows fit one program. Every other length goes to the prefill kernel (``triton_prefill.py``), whose
-programs each own a query tile and walk the whole KV length (too few programs for a short query).
+query rows fit one program. Every other length goes to a prefill kernel, whose programs each own a query
+tile and walk the whole KV length (too few programs for a short query): on Hopper, for 16-bit inputs with
+D = Dv in {64, 128}, 128×128 tiles and no explicit mask or trial grid, the Gluon kernel of
+``gluon_prefill.py`` (the skip branch scheduled by hand); otherwise ``triton_prefill.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import triton
 
 from ..config import TRITON_TILES
 from .masks import ROWS_PER_CHUNK, as_4d, attended, drop_causal_mask, per_mask
-from .threshold import phase_of
+from .threshold import log_threshold, phase_of
 from .triton_decode import (
     decode_attend_kernel,
     decode_combine_kernel,
@@ -22,8 +24,14 @@ from .triton_decode import (
 )
 from .triton_prefill import prefill_kernel
 
+try:  # Gluon (Triton >= 3.5) carries the Hopper prefill kernel; without it the Triton kernel runs everything
+    from .gluon_prefill import gluon_prefill_kernel
+except ImportError:
+    gluon_prefill_kernel = None
+
 MIN_BLOCK = TRITON_TILES[0]  # tl.dot needs at least 16 rows / columns / reduction depth
 NUM_SMS_FALLBACK = 132
+LOG2_E = 1.4426950408889634
 DECODE_WAVES = 8
 DECODE_MIN_TILES = 4  # key tiles a split at least: on H200, B = 1 at 32k ran 0.043 ms vs 0.050 ms with 1–2
 SPLIT_K_MAX_ROWS = 64  # query rows (heads of a KV head × positions) one split-K program holds for Lq > 1
@@ -38,7 +46,7 @@ def prefill_config(d_pad: int, block_m: int, block_n: int) -> tuple[int, int]:
     return (8, 1) if block_m * block_n >= 128 * 128 else (8, 2)
 
 
-PREFILL_OVERRIDES: dict = {}  # bench/gpu_check.py sweeps: num_warps, num_stages, skip_v_load, tma
+PREFILL_OVERRIDES: dict = {}  # bench/gpu_check.py sweeps: num_warps, num_stages, skip_v_load, tma; gluon (False: Triton kernel)
 DECODE_OVERRIDES: dict = {}  # for GPU sweeps: waves, num_stages (attend), scores_num_stages, min_tiles_per_split
 
 
@@ -186,6 +194,10 @@ def _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, *, state,
     skip_v_load = PREFILL_OVERRIDES.get("skip_v_load", True)
     use_tma = PREFILL_OVERRIDES.get("tma", True) and (d_pad, dv_pad) == (head_dim, value_dim) and _tma_ok(q, k, v)
 
+    if attn_mask is None and count_mode != 2 and _gluon_ok(q, k, v, block_m, block_n):
+        _launch_gluon_prefill(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats,
+                              decisions_out)
+        return
     dummy = q.new_empty(1)
     if attn_mask is not None:
         mask_t, mask_kind, mask_min, mask4 = _mask_operand(attn_mask)
@@ -214,6 +226,41 @@ def _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, *, state,
         SKIP_V_LOAD=skip_v_load, DEBUG=decisions_out is not None, DOT_PRECISION=_dot_precision(q.dtype),
         USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def _gluon_ok(q, k, v, block_m: int, block_n: int) -> bool:
+    """The Gluon kernel's case: Hopper, 16-bit, D = Dv in {64, 128}, 128×128 tiles, TMA-able tensors."""
+    if not PREFILL_OVERRIDES.get("gluon", True) or gluon_prefill_kernel is None or q.device.type != "cuda":
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or (block_m, block_n) != (128, 128):
+        return False
+    if q.shape[-1] != v.shape[-1] or q.shape[-1] not in (64, 128):
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0) or q.data_ptr() % 16 or (q.stride(2) * 2) % 16:
+        return False
+    return _tma_ok(q, k, v)
+
+
+def _launch_gluon_prefill(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats,
+                          decisions_out):
+    batch, num_heads, query_len, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    phase = phase_of(query_len)
+    log_lam2 = (log_threshold(state, phase, kv_len) * LOG2_E).reshape(1)  # read on device: λ never recompiles
+    dummy = q.new_empty(1)
+    dec = decisions_out if decisions_out is not None else dummy
+    d_strides = [dec.stride(d) for d in range(3)] if decisions_out is not None else [0, 0, 0]
+    gluon_prefill_kernel[(triton.cdiv(query_len, block_m), batch * num_heads)](
+        q, k, v, out, log_lam2, stats if stats is not None else dummy, dec,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *d_strides,
+        num_heads, num_heads // num_kv_heads, query_len, kv_len, float(scale), phase, stats_cols,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(is_causal),
+        COUNT=count_mode == 1, DEBUG=decisions_out is not None, num_warps=8,
     )
 
 

@@ -1,0 +1,258 @@
+"""Hopper prefill kernel of skip-softmax attention in Gluon: the vote inside an explicitly pipelined loop.
+
+Why a second prefill kernel: in ``triton_prefill.py`` the data-dependent ``if keep:`` around exp / V load /
+P·V stops Triton's software pipeliner, so the voting loop runs each tile's two matmuls back to back with
+nothing overlapping them (bench/RESULTS.md). Gluon hands the schedule to us: every wgmma is asynchronous
+and we say when to wait, so the skip branch no longer decides what overlaps. Iteration j starts with tile j
+voted (its V on the way if it is kept)::
+
+    queue S_{j+1} = Q·K_{j+1}ᵀ
+    tile j kept:     P_j = exp2(S_j − m)        ‖ S_{j+1} runs
+                     wait S_{j+1}; queue P_j·V_j
+                     vote on tile j + 1         ‖ P_j·V_j runs
+                     wait P_j·V_j
+    tile j skipped:  wait S_{j+1}; vote on tile j + 1
+    then: O, l *= α; refill K_{j+1}'s ring slot; fetch V_{j+1} only if tile j + 1 is kept
+
+The loop is compiled twice, picked at run time from λ: at λ = 0 (and not counting) the vote's block-wide
+reduction is left out and every visited tile is kept. K comes through a ring of TMA buffers, V into two alternating buffers. One program owns query tile i (BLOCK_M = br
+rows, two warpgroups of 64 rows) of one (batch, query head); the skip rule, the masks it handles (causal,
+lengths) and the statistics are those of ``triton_prefill.py`` (SPEC §4). Explicit masks, the measuring mode's
+trial grid, fp32 and other head dims or tile shapes stay on the Triton kernel (``triton_attention._gluon_ok``).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+K_STAGES = gl.constexpr(2)  # K tiles in flight (3 was no faster on H200); with Q and 2 V buffers, 160 KiB at D = 128
+
+
+@gluon.jit
+def _vote(s, m_i, row_ok, offs_m, start_n, needs_mask, causal_off, kv_len, qk_scale, log_lam2,
+          VOTE: gl.constexpr, IS_CAUSAL: gl.constexpr):
+    """One key tile's raw scores → (scores in exp2 space, keep, valid, new running max, α); SPEC §4's vote.
+
+    VOTE False (λ = 0, no counting): every visited tile is valid and kept, and the block-wide reduction is
+    left out."""
+    s = s * qk_scale
+    if needs_mask:  # the diagonal and the last tile: causal (bottom-right) and Lk masks
+        offs_n = start_n + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
+        allowed = offs_n[None, :] < kv_len
+        if IS_CAUSAL:
+            allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+        s = gl.where(allowed, s, float("-inf"))
+    m_tile = gl.max(s, axis=1)
+    valid = gl.to_tensor(True)
+    keep = gl.to_tensor(True)
+    if VOTE:
+        gap = gl.where(m_tile == float("-inf"), float("-inf"),
+                       gl.where(m_i == float("-inf"), float("inf"), m_tile - m_i))
+        tile_gap = gl.max(gl.where(row_ok, gap, float("-inf")), axis=0)  # rows past Lq never block a skip
+        valid = tile_gap > float("-inf")
+        keep = valid & (tile_gap >= log_lam2)
+    m_new = gl.maximum(m_i, m_tile)
+    alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
+    return s, keep, valid, m_new, alpha
+
+
+@gluon.jit
+def _probabilities(s, m_i, l_i, P_LAYOUT: gl.constexpr, dtype: gl.constexpr):
+    """A kept tile's P = exp2(s − m) in the P·V operand layout, and the row sums added to l."""
+    p = gl.exp2(s - gl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+    return gl.convert_layout(p.to(dtype), P_LAYOUT), l_i + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _refill_and_fetch_v(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j, hi, keep, v_loads,
+                        K_STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+    """After tile j's scores: its K slot takes tile j + K_STAGES; V_j is fetched only if tile j is kept."""
+    k_slot = j % K_STAGES
+    refill = j + K_STAGES < hi
+    mbarrier.expect(k_bars.index(k_slot), k_desc.block_type.nbytes, pred=refill)
+    tma.async_copy_global_to_shared(k_desc, [(j + K_STAGES) * BLOCK_N, 0], k_bars.index(k_slot), k_smem.index(k_slot),
+                                    pred=refill)
+    v_slot = v_loads % 2
+    mbarrier.expect(v_bars.index(v_slot), v_desc.block_type.nbytes, pred=keep)
+    tma.async_copy_global_to_shared(v_desc, [j * BLOCK_N, 0], v_bars.index(v_slot), v_smem.index(v_slot), pred=keep)
+
+
+@gluon.jit
+def _key_tiles(q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m,
+               dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout: gl.constexpr,
+               mma_o: gl.constexpr, VOTE: gl.constexpr, IS_CAUSAL: gl.constexpr, DEBUG: gl.constexpr,
+               K_STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Key tiles [0, hi) of one query tile (hi ≥ 1): returns (O, l, valid tiles, kept tiles)."""
+    dtype: gl.constexpr = q_smem.dtype
+    n_valid = 0
+    n_kept = 0
+    # -- tile 0's scores and vote before the loop; each iteration then finishes tile j and votes on j + 1 --
+    mbarrier.wait(k_bars.index(0), 0)
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+    s, keep, valid, m_i, alpha = _vote(s, m_i, row_ok, offs_m, 0, 0 >= full_hi, causal_off, kv_len, qk_scale,
+                                       log_lam2, VOTE, IS_CAUSAL)
+    gl.thread_barrier()  # both warpgroups are done with K_0's slot
+    _refill_and_fetch_v(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, 0, hi, keep, 0, K_STAGES, BLOCK_N)
+    v_loads = keep.to(gl.int32)  # V tiles requested so far: V of the i-th kept tile sits in buffer i % 2
+    n_valid += valid.to(gl.int32)
+    n_kept += keep.to(gl.int32)
+    if DEBUG:
+        gl.store(dec_row, keep.to(gl.int8))
+    for j in range(0, hi - 1):
+        # -- S_{j+1} on the tensor cores while tile j's P is exponentiated; then P_j·V_j while j + 1 votes --
+        nxt = j + 1
+        k_slot = nxt % K_STAGES
+        mbarrier.wait(k_bars.index(k_slot), (nxt // K_STAGES) & 1)
+        s_token = warpgroup_mma(q_smem, k_smem.index(k_slot).permute((1, 0)), s_zero, use_acc=False,
+                                is_async=True)
+        if keep:
+            p, l_i = _probabilities(s, m_i, l_i, p_layout, dtype)
+            s = warpgroup_mma_wait(0, deps=(s_token,))
+            v_slot = (v_loads - 1) % 2
+            mbarrier.wait(v_bars.index(v_slot), ((v_loads - 1) // 2) & 1)
+            o_token = warpgroup_mma(p, v_smem.index(v_slot), o, is_async=True)
+            s, keep, valid, m_i, alpha = _vote(s, m_i, row_ok, offs_m, nxt * BLOCK_N, nxt >= full_hi, causal_off,
+                                               kv_len, qk_scale, log_lam2, VOTE, IS_CAUSAL)
+            o, p = warpgroup_mma_wait(0, deps=(o_token, p))  # P's registers stay live until the product is done
+        else:
+            s = warpgroup_mma_wait(0, deps=(s_token,))
+            s, keep, valid, m_i, alpha = _vote(s, m_i, row_ok, offs_m, nxt * BLOCK_N, nxt >= full_hi, causal_off,
+                                               kv_len, qk_scale, log_lam2, VOTE, IS_CAUSAL)
+        l_i = l_i * alpha  # the running max moves on skipped tiles too (exact rescale)
+        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))[:, None]
+        gl.thread_barrier()  # both warpgroups are past S_{j+1}: its K slot can be refilled
+        _refill_and_fetch_v(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, nxt, hi, keep, v_loads, K_STAGES,
+                            BLOCK_N)
+        v_loads += keep.to(gl.int32)
+        n_valid += valid.to(gl.int32)
+        n_kept += keep.to(gl.int32)
+        if DEBUG:
+            gl.store(dec_row + nxt, keep.to(gl.int8))
+    if keep:  # the last tile
+        p, l_i = _probabilities(s, m_i, l_i, p_layout, dtype)
+        v_slot = (v_loads - 1) % 2
+        mbarrier.wait(v_bars.index(v_slot), ((v_loads - 1) // 2) & 1)
+        o = warpgroup_mma(p, v_smem.index(v_slot), o)
+
+    return o, l_i, n_valid, n_kept
+
+
+@gluon.jit
+def gluon_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, log_lam_ptr, stats_ptr, dec_ptr,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_db, stride_dh, stride_di,
+    num_heads, group, q_len, kv_len, scale, phase, stats_cols,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
+    COUNT: gl.constexpr, DEBUG: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Grid (cdiv(Lq, BLOCK_M), B·Hq), heaviest causal query tiles first; 8 warps (two warpgroups)."""
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    # -- layouts: S and O are wgmma accumulators (16-row instructions, warps stacked along M); P feeds the
+    #    second wgmma from registers --
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+    rows: gl.constexpr = gl.SliceLayout(1, mma)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+
+    tile_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    bh = gl.program_id(1)
+    b = (bh // num_heads).to(gl.int64)  # 64-bit offsets: B·H·L·D passes 2^31 at long context
+    h = (bh % num_heads).to(gl.int64)
+    h_kv = h // group  # GQA: never a repeat of K/V
+    first_row = tile_m * BLOCK_M
+
+    # -- per-(batch, head) tensor descriptors: rows past Lq / Lk read as zeros --
+    q_desc = tma.make_tensor_descriptor(q_ptr + b * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
+                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
+    k_desc = tma.make_tensor_descriptor(k_ptr + b * stride_kb + h_kv * stride_kh, shape=[kv_len, HEAD_DIM],
+                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
+    v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h_kv * stride_vh, shape=[kv_len, HEAD_DIM],
+                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], kv_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(K_STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(v_bars.index(i), count=1)
+    fence_async_shared()
+
+    # -- the key range: causal tiles past the diagonal are never visited; tiles from full_hi on need masks --
+    causal_off = kv_len - q_len  # bottom-right aligned: key c visible to row r iff c <= r + causal_off
+    if IS_CAUSAL:
+        last_row = gl.minimum(first_row + BLOCK_M, q_len) - 1
+        full_hi = gl.maximum(first_row + causal_off + 1, 0) // BLOCK_N
+        hi = gl.minimum(gl.cdiv(gl.maximum(last_row + causal_off + 1, 0), BLOCK_N), gl.cdiv(kv_len, BLOCK_N))
+    else:
+        full_hi = kv_len // BLOCK_N
+        hi = gl.cdiv(kv_len, BLOCK_N)
+    full_hi = gl.minimum(full_hi, kv_len // BLOCK_N)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [first_row, 0], q_bar, q_smem)
+    for i in gl.static_range(K_STAGES):
+        mbarrier.expect(k_bars.index(i), k_desc.block_type.nbytes, pred=i < hi)
+        tma.async_copy_global_to_shared(k_desc, [i * BLOCK_N, 0], k_bars.index(i), k_smem.index(i), pred=i < hi)
+
+    log_lam2 = gl.load(log_lam_ptr)  # read at run time: λ never recompiles
+    qk_scale = scale.to(gl.float32) * 1.4426950408889634  # scores in exp2 space
+    offs_m = first_row + gl.arange(0, BLOCK_M, layout=rows)
+    row_ok = offs_m < q_len
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows)
+    o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=mma_o)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
+    n_valid = 0
+    n_kept = 0
+    mbarrier.wait(q_bar, 0)
+    if hi > 0:  # two compiled loops, picked at run time: the vote's reduction is only paid for when it decides
+        dec_row = dec_ptr + b * stride_db + h * stride_dh + tile_m * stride_di
+        if COUNT or DEBUG or (log_lam2 > float("-inf")):
+            o, l_i, n_valid, n_kept = _key_tiles(
+                q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m, dec_row,
+                hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, True, IS_CAUSAL, DEBUG,
+                K_STAGES, BLOCK_N)
+        else:  # λ = 0, nothing to count: every visited tile holds a key its last row sees, so it is kept
+            o, l_i, n_valid, n_kept = _key_tiles(
+                q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m, dec_row,
+                hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, False, IS_CAUSAL, DEBUG,
+                K_STAGES, BLOCK_N)
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(K_STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+    for i in gl.static_range(2):
+        mbarrier.invalidate(v_bars.index(i))
+
+    # -- epilogue: rows with nothing unmasked output 0 --
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, mma_o))
+    out = o / gl.where(l_o > 0, l_o, 1.0)[:, None]
+    out = gl.where((l_o > 0)[:, None], out, 0.0)
+    offs_mo = first_row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_o))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma_o))
+    gl.store(out_ptr + b * stride_ob + h * stride_oh + offs_mo[:, None].to(gl.int64) * stride_om + offs_d[None, :],
+             out.to(dtype), mask=(offs_mo < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :])
+    if COUNT:
+        stats_row = stats_ptr + phase * stats_cols
+        gl.atomic_add(stats_row, n_valid.to(gl.int64))
+        gl.atomic_add(stats_row + 1, (n_valid - n_kept).to(gl.int64))
