@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from bench.accuracy import PRESET, SavedRun, law_variants, saved_laws
-from fxsparse.calibration.fit import LawFit, length_bins_of, tiles_skipped
+from fxsparse.calibration.fit import LawFit, length_bins_of, mean_sparsity, passes_by_bin
 
 TARGETS = (0.3, 0.5, 0.7)
 
@@ -54,17 +54,12 @@ def needed_log_lambda(p, log_trials, target):
     return float(np.interp(target, curve[i - 1 : i + 1], log_trials[i - 1 : i + 1]))
 
 
-def achieved(passes, bins, trials, laws, phase, target):
+def achieved(passes, trials, laws, phase, target):
     """{bin: sparsity} the per-site laws (``LawFit`` in site order) reach on the passes of ``phase``."""
-    out = {}
-    for bin_size in sorted(set(bins.values())):
-        skipped, valid = tiles_skipped([p for p in passes if bins[p.sample] == bin_size], phase, trials, laws, target)
-        if valid.sum():
-            out[bin_size] = skipped.sum() / valid.sum()
-    return out
+    return {size: mean_sparsity(group, phase, trials, laws, target) for size, group in passes_by_bin(passes, phase).items()}
 
 
-def heldout_table(saved: SavedRun, heldout, heldout_bins) -> None:
+def heldout_table(saved: SavedRun, heldout) -> None:
     """Held-out sparsity per bin of ``SKIP_SOFTMAX_CALIB``'s laws refitted from ``saved``'s passes, and of the
     same calibration with each of its steps (per-site cap, fitted length exponent, bin matching) off."""
     names = [f"site {i}" for i in range(len(saved.passes[0].valid))]
@@ -77,7 +72,7 @@ def heldout_table(saved: SavedRun, heldout, heldout_bins) -> None:
         for phase in ("prefill", "decode"):
             chosen = [fitted.site_laws[site][phase] for site in names]
             for target in TARGETS:
-                reached = achieved(heldout, heldout_bins, saved.trials, chosen, phase, target)
+                reached = achieved(heldout, saved.trials, chosen, phase, target)
                 close = [abs(s - target) <= 0.05 for s in reached.values()]
                 within[phase] = [a + b for a, b in zip(within.get(phase, (0, 0)), (sum(close), len(close)))]
                 row = ", ".join(f"{b // 1024}k {100 * s:.1f} %" for b, s in reached.items())
@@ -96,12 +91,11 @@ def main() -> None:
     passes, log_trials = saved.passes, np.log(np.asarray(saved.trials))
     if args.heldout or args.split is not None:
         if args.heldout:
-            _, heldout_run, heldout_bins = load(args.heldout)
-            heldout = heldout_run.passes
+            heldout = load(args.heldout)[1].passes
         else:
-            heldout, heldout_bins = [p for p in passes if p.sample >= args.split], bins
+            heldout = [p for p in passes if p.sample >= args.split]
             saved = dataclasses.replace(saved, passes=[p for p in passes if p.sample < args.split])
-        heldout_table(saved, heldout, heldout_bins)
+        heldout_table(saved, heldout)
         return
     site_laws = run["calibration"]["site_laws"]
     print("| phase | target | sf = λ·L each bin needs (median over passes) | λ_needed ∝ L^−p | saved laws reach, per bin |")
@@ -117,7 +111,7 @@ def main() -> None:
             medians = {b: (np.median([x for x, _ in v]), np.median([l for _, l in v])) for b, v in sorted(by_bin.items())}
             sf = ", ".join(f"{b // 1024}k {math.exp(x + l):.3g}" for b, (x, l) in medians.items())
             p_exp = -np.polyfit([l for _, l in medians.values()], [x for x, _ in medians.values()], 1)[0]
-            reach = ", ".join(f"{b // 1024}k {100 * s:.0f} %" for b, s in achieved(passes, bins, saved.trials, laws, phase, target).items())
+            reach = ", ".join(f"{b // 1024}k {100 * s:.0f} %" for b, s in achieved(passes, saved.trials, laws, phase, target).items())
             print(f"| {phase} | {target} | {sf} | p = {p_exp:.2f} | {reach} |")
 
 

@@ -121,6 +121,16 @@ class SparseSite(nn.Module):
         }
 
     @contextlib.contextmanager
+    def dense(self) -> Iterator[None]:
+        """Run dense (λ = 0) inside the block; each phase's enable flag is restored after."""
+        enabled = self.threshold_state[:, ENABLED].clone()
+        self.threshold_state[:, ENABLED] = 0.0
+        try:
+            yield
+        finally:
+            self.threshold_state[:, ENABLED] = enabled
+
+    @contextlib.contextmanager
     def measuring(self, trial_thresholds: torch.Tensor, dense: bool = True) -> Iterator[None]:
         """Count, per phase, the tiles each trial λ would skip; run dense (``dense``) or at the site's own λ.
 
@@ -129,15 +139,12 @@ class SparseSite(nn.Module):
         (2, 1 + T); it is restored (zeroed) after, and so is the enable flag.
         """
         device = self.threshold_state.device
-        enabled = self.threshold_state[:, ENABLED].clone()
-        if dense:
-            self.threshold_state[:, ENABLED] = 0.0
         self.trial_thresholds = trial_thresholds.to(device=device, dtype=torch.float32)
         self.stats = torch.zeros(2, 1 + len(trial_thresholds), dtype=torch.int64, device=device)
         try:
-            yield
+            with self.dense() if dense else contextlib.nullcontext():
+                yield
         finally:
-            self.threshold_state[:, ENABLED] = enabled
             self.trial_thresholds = torch.zeros(0, device=device)
             self.stats = self._idle_stats(device)
 

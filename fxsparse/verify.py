@@ -14,6 +14,7 @@ it, the rewritten model with every site disabled (λ = 0), so the two differ onl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -253,14 +254,10 @@ def verify(model: nn.Module, tokenizer, prompt: Prompt, max_new_tokens: int, pro
     label = "the original model, before sparsify"
     if dense is None:
         label = "the rewritten model with every site disabled (λ = 0)"
-        enabled = {name: site.enabled for name, site in sites.items()}
-        try:
+        with contextlib.ExitStack() as every_site:
             for site in sites.values():
-                site.set_enabled(False)
+                every_site.enter_context(site.dense())
             dense = generate(model, tokenizer, prompt, max_new_tokens, "dense" if progress else None)
-        finally:
-            for name, site in sites.items():
-                site.set_enabled(enabled[name])
     # the sparse run's warm-up would add to the stats: warm up first, then reset and time
     warmup = Prompt(prompt.input_ids[:, :WARMUP_TOKENS], prompt.source, prompt.question)
     generate(model, tokenizer, warmup, WARMUP_NEW_TOKENS, warmup=False)

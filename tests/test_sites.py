@@ -4,7 +4,7 @@ import torch
 
 from fxsparse.config import SiteConfig
 from fxsparse.ops import skip_softmax_attention_op
-from fxsparse.ops.threshold import THRESHOLD
+from fxsparse.ops.threshold import ENABLED, THRESHOLD
 from fxsparse.sites import SparseSite
 
 
@@ -54,3 +54,24 @@ def test_measuring_counts_the_same_dense_or_skipping_and_restores_the_enable_fla
     torch.testing.assert_close(outputs[0], _attend(site, q, k, v), rtol=0, atol=0)  # dense: as a disabled site
     torch.testing.assert_close(outputs[1], sparse, rtol=0, atol=0)  # skipping: as the site runs normally
     assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_dense_block_runs_as_disabled_and_restores_each_phase_flag():
+    site = SparseSite("m.attn", SiteConfig(threshold=SiteConfig().threshold))
+    site.set_threshold(10.0)
+    site.threshold_state[1, ENABLED] = 0.0  # decode off, prefill on: both must come back as they were
+    before = site.threshold_state.clone()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 40, 8) for _ in range(3))
+    sparse = _attend(site, q, k, v)
+    try:
+        with site.dense():
+            dense = _attend(site, q, k, v)
+            assert not site.enabled
+            raise KeyboardInterrupt  # an interrupted run restores the flags too
+    except KeyboardInterrupt:
+        pass
+    assert torch.equal(site.threshold_state, before)
+    site.set_threshold(0.0)  # λ = 0 never skips: the independent dense result
+    torch.testing.assert_close(dense, _attend(site, q, k, v), rtol=0, atol=0)
+    assert not torch.allclose(dense, sparse)
