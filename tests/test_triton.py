@@ -313,7 +313,7 @@ def test_gpu_prefill_kernels_skip_and_keep(kernel, dtype, d, monkeypatch):
     Lq < Lk and Lq > Lk (rows that see nothing), causal and not, stats on."""
     if kernel == "gluon" and (triton_attention.gluon_prefill_kernel is None
                               or torch.cuda.get_device_capability() != (9, 0)):
-        pytest.skip("the Gluon prefill kernel runs on Hopper (sm_90) with Gluon")
+        pytest.skip(f"the Gluon prefill kernel runs on Hopper (sm_90) with Triton {triton_attention.GLUON_TRITON}x")
     monkeypatch.setitem(triton_attention.PREFILL_OVERRIDES, "gluon", kernel == "gluon")
     launches, launch = [], triton_attention._launch_gluon_prefill
     monkeypatch.setattr(triton_attention, "_launch_gluon_prefill", lambda *a, **kw: launches.append(1) or launch(*a, **kw))

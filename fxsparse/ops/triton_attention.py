@@ -4,8 +4,8 @@
 calls it for CUDA tensors. Short queries go to the split-K kernels of ``triton_decode.py``: decode
 (Lq == 1) always, and Lq ≤ br (speculative or chunked steps: one query tile per head) while a KV head's
 query rows fit one program. Every other length goes to a prefill kernel, whose programs each own a query
-tile and walk the whole KV length (too few programs for a short query): on Hopper, for 16-bit inputs with
-D = Dv in {64, 128}, 128×128 tiles and no explicit mask or trial grid, the Gluon kernel of
+tile and walk the whole KV length (too few programs for a short query): on Hopper with Triton 3.6, for 16-bit
+inputs with D = Dv in {64, 128}, 128×128 tiles and no explicit mask or trial grid, the Gluon kernel of
 ``gluon_prefill.py`` (the skip branch scheduled by hand); otherwise ``triton_prefill.py``.
 """
 
@@ -24,10 +24,21 @@ from .triton_decode import (
 )
 from .triton_prefill import prefill_kernel
 
-try:  # Gluon (Triton >= 3.5) carries the Hopper prefill kernel; without it the Triton kernel runs everything
+GLUON_TRITON = "3.6."  # the Triton release the Gluon kernel was built and tested with (on an H200)
+
+
+def _gluon_kernel():
+    """The Hopper prefill kernel in Gluon, on the Triton release it was tested with; None elsewhere, and the
+    Triton kernel runs everything. Gluon's API is experimental and moves between releases (3.9 renamed its TMA
+    copies), so an untested release must not meet it at compile time in a user's forward pass."""
+    if not triton.__version__.startswith(GLUON_TRITON):
+        return None
     from .gluon_prefill import gluon_prefill_kernel
-except ImportError:
-    gluon_prefill_kernel = None
+
+    return gluon_prefill_kernel
+
+
+gluon_prefill_kernel = _gluon_kernel()
 
 MIN_BLOCK = TRITON_TILES[0]  # tl.dot needs at least 16 rows / columns / reduction depth
 NUM_SMS_FALLBACK = 132
