@@ -198,17 +198,17 @@ def _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, *, state,
     num_kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     block_m = br if query_len > br else _pow2(query_len)  # a short query tile still holds every row of tile 0
     block_n = bc
+    if attn_mask is None and count_mode != 2 and _gluon_ok(q, k, v, block_m, block_n):
+        _launch_gluon_prefill(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats,
+                              decisions_out)
+        return
     d_pad, dv_pad = _pow2(head_dim), _pow2(value_dim)
     num_warps, num_stages = prefill_config(max(d_pad, dv_pad), block_m, block_n)
     num_warps = PREFILL_OVERRIDES.get("num_warps", num_warps)
     num_stages = PREFILL_OVERRIDES.get("num_stages", num_stages)
     skip_v_load = PREFILL_OVERRIDES.get("skip_v_load", True)
-    use_tma = PREFILL_OVERRIDES.get("tma", True) and (d_pad, dv_pad) == (head_dim, value_dim) and _tma_ok(q, k, v)
+    use_tma = PREFILL_OVERRIDES.get("tma", True) and (d_pad, dv_pad) == (head_dim, value_dim) and _tma_ok(k, v)
 
-    if attn_mask is None and count_mode != 2 and _gluon_ok(q, k, v, block_m, block_n):
-        _launch_gluon_prefill(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats,
-                              decisions_out)
-        return
     dummy = q.new_empty(1)
     if attn_mask is not None:
         mask_t, mask_kind, mask_min, mask4 = _mask_operand(attn_mask)
@@ -248,9 +248,9 @@ def _gluon_ok(q, k, v, block_m: int, block_n: int) -> bool:
         return False
     if q.shape[-1] != v.shape[-1] or q.shape[-1] not in (64, 128):
         return False
-    if torch.cuda.get_device_capability(q.device) != (9, 0) or q.data_ptr() % 16 or (q.stride(2) * 2) % 16:
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    return _tma_ok(q, k, v)
+    return _tma_ok(q, k, v)  # Q comes through a tensor descriptor too
 
 
 def _launch_gluon_prefill(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats,
@@ -275,14 +275,16 @@ def _launch_gluon_prefill(q, k, v, out, is_causal, scale, block_m, block_n, stat
     )
 
 
-def _tma_ok(q, k, v) -> bool:
-    """Bulk tensor copies need Hopper, 16-byte aligned bases and row strides, and a scratch allocator."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] < 9:
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Bulk tensor copies of ``tensors`` need Hopper, 16-byte aligned bases and row strides, and a scratch
+    allocator (for the descriptors the kernels build)."""
+    device = tensors[0].device
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return False
-    for t in (k, v):
+    for t in tensors:
         if t.data_ptr() % 16 or (t.stride(2) * t.element_size()) % 16:
             return False
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
     return True
 
 
