@@ -25,7 +25,7 @@ POINTERS = dict(
     q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", mask_ptr="*u8", kinds_ptr="*i8",
     state_ptr="*fp32", trials_ptr="*fp32", stats_ptr="*i64", dec_ptr="*i8", scores_ptr="*fp32",
     tile_max_ptr="*fp32", part_acc_ptr="*fp32", part_l_ptr="*fp32", part_m_ptr="*fp32",
-    keep_heads_ptr="*i32", kept_ptr="*i32", log_lam_ptr="*fp32",
+    keep_heads_ptr="*i32", kept_ptr="*i32",
 )
 FLOATS = {"scale", "mask_min"}
 CONSTEXPRS = dict(

@@ -1,4 +1,4 @@
-"""Kernels to profile with Nsight Compute: prefill (cuDNN, fxsparse dense, fxsparse at ~70 %) and decode.
+"""Kernels to profile with Nsight Compute: prefill (cuDNN, fxsparse dense, at ~70 % and ~90 %) and decode.
 
 Each case runs twice outside any range (compilation, warm caches), then once inside an NVTX range named
 ``prof``, so ncu sees exactly one launch of every kernel of each case (in the order the cases print)::
@@ -38,7 +38,8 @@ def profile_prefill(seq_len, hq, hkv, d):
     kg, vg = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         profiled("prefill_cudnn", lambda: F.scaled_dot_product_attention(q, kg, vg, is_causal=True))
-    for label, lam in (("dense", 0.0), ("s70", lambdas_for_sparsity(q, k, v, True, TRIALS, [0.7])[0.7][0])):
+    lams = lambdas_for_sparsity(q, k, v, True, TRIALS, [0.7, 0.9])
+    for label, lam in (("dense", 0.0), ("s70", lams[0.7][0]), ("s90", lams[0.9][0])):
         state = make_threshold_state(lam, device="cuda")
         profiled(f"prefill_fx_{label}", lambda: ta.skip_softmax_attention(q, k, v, None, True, d**-0.5, state, 128, 128))
 
@@ -46,12 +47,14 @@ def profile_prefill(seq_len, hq, hkv, d):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-len", type=int, default=16384, help="prefill length; 0 profiles decode only")
-    ap.add_argument("--kv-len", type=int, default=32768)
+    ap.add_argument("--kv-len", type=int, default=32768, help="decode cache length; 0 profiles prefill only")
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     hq, hkv, d = 32, 8, 128
     if args.seq_len:
         profile_prefill(args.seq_len, hq, hkv, d)
+    if not args.kv_len:
+        return
     q, k, v = structured_qkv(args.batch, hq, hkv, args.kv_len, d, concentration=0.6, num_queries=1)
     profiled("decode_sdpa", lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
     for label, lam in (("dense", 0.0), ("s70", lambdas_for_sparsity(q, k, v, False, TRIALS, [0.7])[0.7][0])):

@@ -4,21 +4,24 @@ Why a second prefill kernel: in ``triton_prefill.py`` the data-dependent ``if ke
 P·V stops Triton's software pipeliner, so the voting loop runs each tile's two matmuls back to back with
 nothing overlapping them (bench/RESULTS.md). Gluon hands the schedule to us: every wgmma is asynchronous
 and we say when to wait, so the skip branch no longer decides what overlaps. Iteration j starts with tile j
-voted (its V on the way if it is kept)::
+voted (its V on the way if it is kept) and S_{j+1} = Q·K_{j+1}ᵀ in flight::
 
-    queue S_{j+1} = Q·K_{j+1}ᵀ
-    tile j kept:     P_j = exp2(S_j − m)        ‖ S_{j+1} runs
-                     wait S_{j+1}; queue P_j·V_j
+    tile j kept:     P_j = exp2(S_j·scale − m)   ‖ S_{j+1} runs
+                     wait S_{j+1}; queue O·α + P_j·V_j
                      vote on tile j + 1         ‖ P_j·V_j runs
-                     wait P_j·V_j
-    tile j skipped:  wait S_{j+1}; vote on tile j + 1
-    then: O, l *= α; refill K_{j+1}'s ring slot; fetch V_{j+1} only if tile j + 1 is kept
+                     wait P_j·V_j; queue S_{j+2}
+    tile j skipped:  wait S_{j+1}; queue S_{j+2}
+                     vote on tile j + 1         ‖ S_{j+2} runs
+    then: refill K_{j+1}'s ring slot; fetch V_{j+1} only if tile j + 1 is kept
 
-The loop is compiled twice, picked at run time from λ: at λ = 0 (and not counting) the vote's block-wide
-reduction is left out and every visited tile is kept. K comes through a ring of TMA buffers, V into two alternating buffers. One program owns query tile i (BLOCK_M = br
-rows, two warpgroups of 64 rows) of one (batch, query head); the skip rule, the masks it handles (causal,
-lengths) and the statistics are those of ``triton_prefill.py`` (SPEC §4). Explicit masks, the measuring mode's
-trial grid, fp32 and other head dims or tile shapes stay on the Triton kernel (``triton_attention._gluon_ok``).
+So a run of skipped tiles keeps the tensor cores on back-to-back QKᵀ products, and O's rescale waits for the
+next kept tile (a skipped tile moves the running max only when λ > 1). The loop is compiled twice, picked at
+run time from λ: at λ = 0 (and not counting) the vote's block-wide reduction is left out and every visited
+tile is kept. K comes through a ring of TMA buffers, V into two alternating buffers. One program owns query
+tile i (BLOCK_M = br rows, two warpgroups of 64 rows) of one (batch, query head); λ, the skip rule, the masks
+it handles (causal, lengths) and the statistics are those of ``triton_prefill.py`` (SPEC §4). Explicit masks,
+the measuring mode's trial grid, fp32 and other head dims or tile shapes stay on the Triton kernel
+(``triton_attention._gluon_ok``).
 """
 
 from __future__ import annotations
@@ -33,24 +36,26 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-K_STAGES = gl.constexpr(2)  # K tiles in flight (3 was no faster on H200); with Q and 2 V buffers, 160 KiB at D = 128
+from .triton_prefill import log2_threshold
+
+K_STAGES = gl.constexpr(4)  # K tiles in flight: a run of skipped tiles takes one every ~QKᵀ; 224 KiB with Q and 2 V
 
 
 @gluon.jit
 def _vote(s, m_i, row_ok, offs_m, start_n, needs_mask, causal_off, kv_len, qk_scale, log_lam2,
           VOTE: gl.constexpr, IS_CAUSAL: gl.constexpr):
-    """One key tile's raw scores → (scores in exp2 space, keep, valid, new running max, α); SPEC §4's vote.
+    """One key tile's raw scores → (masked raw scores, keep, valid, new running max, α); SPEC §4's vote.
 
-    VOTE False (λ = 0, no counting): every visited tile is valid and kept, and the block-wide reduction is
-    left out."""
-    s = s * qk_scale
+    The running max is in exp2 space; the scores stay raw (the scale is folded into P's exponent, and
+    max(s)·c = max(s·c) for c > 0 in floating point too, so the vote is the same). VOTE False (λ = 0, no
+    counting): every visited tile is valid and kept, and the block-wide reduction is left out."""
     if needs_mask:  # the diagonal and the last tile: causal (bottom-right) and Lk masks
         offs_n = start_n + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
         allowed = offs_n[None, :] < kv_len
         if IS_CAUSAL:
             allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_off)
         s = gl.where(allowed, s, float("-inf"))
-    m_tile = gl.max(s, axis=1)
+    m_tile = gl.max(s, axis=1) * qk_scale
     valid = gl.to_tensor(True)
     keep = gl.to_tensor(True)
     if VOTE:
@@ -65,24 +70,50 @@ def _vote(s, m_i, row_ok, offs_m, start_n, needs_mask, causal_off, kv_len, qk_sc
 
 
 @gluon.jit
-def _probabilities(s, m_i, l_i, P_LAYOUT: gl.constexpr, dtype: gl.constexpr):
-    """A kept tile's P = exp2(s − m) in the P·V operand layout, and the row sums added to l."""
-    p = gl.exp2(s - gl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+def _probabilities(s, m_i, l_i, qk_scale, P_LAYOUT: gl.constexpr, dtype: gl.constexpr):
+    """A kept tile's P = exp2(s·scale − m) in the P·V operand layout, and the row sums added to l."""
+    p = gl.exp2(s * qk_scale - gl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
     return gl.convert_layout(p.to(dtype), P_LAYOUT), l_i + gl.sum(p, axis=1)
 
 
 @gluon.jit
-def _refill_and_fetch_v(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j, hi, keep, v_loads,
-                        K_STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-    """After tile j's scores: its K slot takes tile j + K_STAGES; V_j is fetched only if tile j is kept."""
+def _queue_scores(q_smem, k_smem, k_bars, s_zero, j, hi, K_STAGES: gl.constexpr):
+    """Queue S_j = Q·K_jᵀ on the tensor cores. Past the last tile it queues the last one again (a product
+    nobody reads), so that every iteration hands the next one a product in flight."""
+    j = gl.minimum(j, hi - 1)
+    k_slot = j % K_STAGES
+    mbarrier.wait(k_bars.index(k_slot), (j // K_STAGES) & 1)
+    return warpgroup_mma(q_smem, k_smem.index(k_slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j, hi, keep, v_loads,
+           K_STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+    """After tile j's vote: K_j's slot takes tile j + K_STAGES, and V_j is fetched only if tile j is kept (into
+    the buffer of the kept tile before last, whose P·V both warpgroups have waited for). Returns the V count.
+
+    One CTA barrier covers both copies: the warpgroups are done with K_j's slot, and the transaction counts are
+    armed before either copy. (Arming one barrier and copying right after costs a barrier per copy: Triton's
+    shared-memory hazard pass cannot tell the slots of a buffer apart.)"""
     k_slot = j % K_STAGES
     refill = j + K_STAGES < hi
+    v_slot = v_loads % 2
     mbarrier.expect(k_bars.index(k_slot), k_desc.block_type.nbytes, pred=refill)
+    mbarrier.expect(v_bars.index(v_slot), v_desc.block_type.nbytes, pred=keep)
+    gl.thread_barrier()
     tma.async_copy_global_to_shared(k_desc, [(j + K_STAGES) * BLOCK_N, 0], k_bars.index(k_slot), k_smem.index(k_slot),
                                     pred=refill)
-    v_slot = v_loads % 2
-    mbarrier.expect(v_bars.index(v_slot), v_desc.block_type.nbytes, pred=keep)
     tma.async_copy_global_to_shared(v_desc, [j * BLOCK_N, 0], v_bars.index(v_slot), v_smem.index(v_slot), pred=keep)
+    return v_loads + keep.to(gl.int32)
+
+
+@gluon.jit
+def _accumulate(o, o_alpha, p, v_smem, v_bars, v_loads):
+    """O·α + P·V, queued once the last requested V tile has landed; returns its token."""
+    o = o * o_alpha[:, None]
+    v_slot = (v_loads - 1) % 2
+    mbarrier.wait(v_bars.index(v_slot), ((v_loads - 1) // 2) & 1)
+    return warpgroup_mma(p, v_smem.index(v_slot), o, is_async=True)
 
 
 @gluon.jit
@@ -90,64 +121,67 @@ def _key_tiles(q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o
                dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout: gl.constexpr,
                mma_o: gl.constexpr, VOTE: gl.constexpr, IS_CAUSAL: gl.constexpr, DEBUG: gl.constexpr,
                K_STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Key tiles [0, hi) of one query tile (hi ≥ 1): returns (O, l, valid tiles, kept tiles)."""
+    """Key tiles [0, hi) of one query tile (hi ≥ 1): returns (O, l, valid tiles, kept tiles).
+
+    O's rescale by the running max's moves is deferred to the next kept tile (``o_alpha``): a skipped tile
+    moves the max only when λ > 1, and never pays the O-sized multiply."""
     dtype: gl.constexpr = q_smem.dtype
+    o_alpha = gl.full([o.shape[0]], 1.0, gl.float32, layout=gl.SliceLayout(1, mma_o))
     n_valid = 0
     n_kept = 0
-    # -- tile 0's scores and vote before the loop; each iteration then finishes tile j and votes on j + 1 --
+    # -- tile 0 voted before the loop while S_1 runs; each iteration then finishes tile j and votes on j + 1,
+    #    with S_{j+2} in flight by its end --
     mbarrier.wait(k_bars.index(0), 0)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+    s_token = _queue_scores(q_smem, k_smem, k_bars, s_zero, 1, hi, K_STAGES)
     s, keep, valid, m_i, alpha = _vote(s, m_i, row_ok, offs_m, 0, 0 >= full_hi, causal_off, kv_len, qk_scale,
                                        log_lam2, VOTE, IS_CAUSAL)
-    gl.thread_barrier()  # both warpgroups are done with K_0's slot
-    _refill_and_fetch_v(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, 0, hi, keep, 0, K_STAGES, BLOCK_N)
-    v_loads = keep.to(gl.int32)  # V tiles requested so far: V of the i-th kept tile sits in buffer i % 2
+    v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, 0, hi, keep, 0, K_STAGES, BLOCK_N)
     n_valid += valid.to(gl.int32)
     n_kept += keep.to(gl.int32)
     if DEBUG:
         gl.store(dec_row, keep.to(gl.int8))
     for j in range(0, hi - 1):
-        # -- S_{j+1} on the tensor cores while tile j's P is exponentiated; then P_j·V_j while j + 1 votes --
         nxt = j + 1
-        k_slot = nxt % K_STAGES
-        mbarrier.wait(k_bars.index(k_slot), (nxt // K_STAGES) & 1)
-        s_token = warpgroup_mma(q_smem, k_smem.index(k_slot).permute((1, 0)), s_zero, use_acc=False,
-                                is_async=True)
-        if keep:
-            p, l_i = _probabilities(s, m_i, l_i, p_layout, dtype)
+        l_i = l_i * alpha  # the running max moves on skipped tiles too when λ > 1 (exact rescale)
+        o_alpha = o_alpha * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))
+        kept = keep
+        if kept:  # P_j while S_{j+1} runs, then P_j·V_j while tile j + 1 votes
+            p, l_i = _probabilities(s, m_i, l_i, qk_scale, p_layout, dtype)
             s = warpgroup_mma_wait(0, deps=(s_token,))
-            v_slot = (v_loads - 1) % 2
-            mbarrier.wait(v_bars.index(v_slot), ((v_loads - 1) // 2) & 1)
-            o_token = warpgroup_mma(p, v_smem.index(v_slot), o, is_async=True)
+            o_token = _accumulate(o, o_alpha, p, v_smem, v_bars, v_loads)
+            o_alpha = gl.full_like(o_alpha, 1.0)
             s, keep, valid, m_i, alpha = _vote(s, m_i, row_ok, offs_m, nxt * BLOCK_N, nxt >= full_hi, causal_off,
                                                kv_len, qk_scale, log_lam2, VOTE, IS_CAUSAL)
             o, p = warpgroup_mma_wait(0, deps=(o_token, p))  # P's registers stay live until the product is done
         else:
             s = warpgroup_mma_wait(0, deps=(s_token,))
+        # S_{j+2} is queued at this one point on both paths: a product in flight must not pass an if/else join
+        # (ptxas then serialises every wgmma)
+        s_token = _queue_scores(q_smem, k_smem, k_bars, s_zero, nxt + 1, hi, K_STAGES)
+        if not kept:  # tile j + 1 votes while S_{j+2} runs: a run of skipped tiles keeps the tensor cores busy
             s, keep, valid, m_i, alpha = _vote(s, m_i, row_ok, offs_m, nxt * BLOCK_N, nxt >= full_hi, causal_off,
                                                kv_len, qk_scale, log_lam2, VOTE, IS_CAUSAL)
-        l_i = l_i * alpha  # the running max moves on skipped tiles too (exact rescale)
-        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))[:, None]
-        gl.thread_barrier()  # both warpgroups are past S_{j+1}: its K slot can be refilled
-        _refill_and_fetch_v(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, nxt, hi, keep, v_loads, K_STAGES,
-                            BLOCK_N)
-        v_loads += keep.to(gl.int32)
+        v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, nxt, hi, keep, v_loads, K_STAGES, BLOCK_N)
         n_valid += valid.to(gl.int32)
         n_kept += keep.to(gl.int32)
         if DEBUG:
             gl.store(dec_row + nxt, keep.to(gl.int8))
+    warpgroup_mma_wait(0, deps=(s_token,))  # the product queued past the last tile
+    l_i = l_i * alpha
+    o_alpha = o_alpha * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))
     if keep:  # the last tile
-        p, l_i = _probabilities(s, m_i, l_i, p_layout, dtype)
-        v_slot = (v_loads - 1) % 2
-        mbarrier.wait(v_bars.index(v_slot), ((v_loads - 1) // 2) & 1)
-        o = warpgroup_mma(p, v_smem.index(v_slot), o)
-
+        p, l_i = _probabilities(s, m_i, l_i, qk_scale, p_layout, dtype)
+        o_token = _accumulate(o, o_alpha, p, v_smem, v_bars, v_loads)
+        o, p = warpgroup_mma_wait(0, deps=(o_token, p))
+    else:
+        o = o * o_alpha[:, None]
     return o, l_i, n_valid, n_kept
 
 
 @gluon.jit
 def gluon_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, log_lam_ptr, stats_ptr, dec_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, state_ptr, stats_ptr, dec_ptr,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -214,7 +248,7 @@ def gluon_prefill_kernel(
         mbarrier.expect(k_bars.index(i), k_desc.block_type.nbytes, pred=i < hi)
         tma.async_copy_global_to_shared(k_desc, [i * BLOCK_N, 0], k_bars.index(i), k_smem.index(i), pred=i < hi)
 
-    log_lam2 = gl.load(log_lam_ptr)  # read at run time: λ never recompiles
+    log_lam2 = log2_threshold(state_ptr, phase, kv_len)  # read at run time: λ never recompiles
     qk_scale = scale.to(gl.float32) * 1.4426950408889634  # scores in exp2 space
     offs_m = first_row + gl.arange(0, BLOCK_M, layout=rows)
     row_ok = offs_m < q_len

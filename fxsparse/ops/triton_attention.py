@@ -16,7 +16,7 @@ import triton
 
 from ..config import TRITON_TILES
 from .masks import ROWS_PER_CHUNK, as_4d, attended, drop_causal_mask, per_mask
-from .threshold import log_threshold, phase_of
+from .threshold import phase_of
 from .triton_decode import (
     decode_attend_kernel,
     decode_combine_kernel,
@@ -42,7 +42,6 @@ gluon_prefill_kernel = _gluon_kernel()
 
 MIN_BLOCK = TRITON_TILES[0]  # tl.dot needs at least 16 rows / columns / reduction depth
 NUM_SMS_FALLBACK = 132
-LOG2_E = 1.4426950408889634
 DECODE_WAVES = 8
 DECODE_MIN_TILES = 4  # key tiles a split at least: on H200, B = 1 at 32k ran 0.043 ms vs 0.050 ms with 1–2
 SPLIT_K_MAX_ROWS = 64  # query rows (heads of a KV head × positions) one split-K program holds for Lq > 1
@@ -258,12 +257,11 @@ def _launch_gluon_prefill(q, k, v, out, is_causal, scale, block_m, block_n, stat
     batch, num_heads, query_len, head_dim = q.shape
     num_kv_heads, kv_len = k.shape[1], k.shape[2]
     phase = phase_of(query_len)
-    log_lam2 = (log_threshold(state, phase, kv_len) * LOG2_E).reshape(1)  # read on device: λ never recompiles
     dummy = q.new_empty(1)
     dec = decisions_out if decisions_out is not None else dummy
     d_strides = [dec.stride(d) for d in range(3)] if decisions_out is not None else [0, 0, 0]
     gluon_prefill_kernel[(triton.cdiv(query_len, block_m), batch * num_heads)](
-        q, k, v, out, log_lam2, stats if stats is not None else dummy, dec,
+        q, k, v, out, state, stats if stats is not None else dummy, dec,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
