@@ -38,7 +38,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from .triton_prefill import log2_threshold
 
-K_STAGES = gl.constexpr(4)  # K tiles in flight: a run of skipped tiles takes one every ~QKᵀ; 224 KiB with Q and 2 V
+K_STAGES = gl.constexpr(4)  # K tiles in flight: a run of skipped tiles takes one every ~QKᵀ; 224 KiB with Q and V's
+V_BUFFERS = gl.constexpr(2)  # V of the i-th kept tile sits in buffer i % V_BUFFERS
 
 
 @gluon.jit
@@ -77,7 +78,7 @@ def _probabilities(s, m_i, l_i, qk_scale, P_LAYOUT: gl.constexpr, dtype: gl.cons
 
 
 @gluon.jit
-def _queue_scores(q_smem, k_smem, k_bars, s_zero, j, hi, K_STAGES: gl.constexpr):
+def _queue_scores(q_smem, k_smem, k_bars, s_zero, j, hi):
     """Queue S_j = Q·K_jᵀ on the tensor cores. Past the last tile it queues the last one again (a product
     nobody reads), so that every iteration hands the next one a product in flight."""
     j = gl.minimum(j, hi - 1)
@@ -87,8 +88,7 @@ def _queue_scores(q_smem, k_smem, k_bars, s_zero, j, hi, K_STAGES: gl.constexpr)
 
 
 @gluon.jit
-def _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j, hi, keep, v_loads,
-           K_STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+def _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j, hi, keep, v_loads, BLOCK_N: gl.constexpr):
     """After tile j's vote: K_j's slot takes tile j + K_STAGES, and V_j is fetched only if tile j is kept (into
     the buffer of the kept tile before last, whose P·V both warpgroups have waited for). Returns the V count.
 
@@ -97,7 +97,7 @@ def _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j, hi, keep, v_loads,
     shared-memory hazard pass cannot tell the slots of a buffer apart.)"""
     k_slot = j % K_STAGES
     refill = j + K_STAGES < hi
-    v_slot = v_loads % 2
+    v_slot = v_loads % V_BUFFERS
     mbarrier.expect(k_bars.index(k_slot), k_desc.block_type.nbytes, pred=refill)
     mbarrier.expect(v_bars.index(v_slot), v_desc.block_type.nbytes, pred=keep)
     gl.thread_barrier()
@@ -111,8 +111,8 @@ def _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j, hi, keep, v_loads,
 def _accumulate(o, o_alpha, p, v_smem, v_bars, v_loads):
     """O·α + P·V, queued once the last requested V tile has landed; returns its token."""
     o = o * o_alpha[:, None]
-    v_slot = (v_loads - 1) % 2
-    mbarrier.wait(v_bars.index(v_slot), ((v_loads - 1) // 2) & 1)
+    v_slot = (v_loads - 1) % V_BUFFERS
+    mbarrier.wait(v_bars.index(v_slot), ((v_loads - 1) // V_BUFFERS) & 1)
     return warpgroup_mma(p, v_smem.index(v_slot), o, is_async=True)
 
 
@@ -120,7 +120,7 @@ def _accumulate(o, o_alpha, p, v_smem, v_bars, v_loads):
 def _key_tiles(q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m,
                dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout: gl.constexpr,
                mma_o: gl.constexpr, VOTE: gl.constexpr, IS_CAUSAL: gl.constexpr, DEBUG: gl.constexpr,
-               K_STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+               BLOCK_N: gl.constexpr):
     """Key tiles [0, hi) of one query tile (hi ≥ 1): returns (O, l, valid tiles, kept tiles).
 
     O's rescale by the running max's moves is deferred to the next kept tile (``o_alpha``): a skipped tile
@@ -133,10 +133,10 @@ def _key_tiles(q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o
     #    with S_{j+2} in flight by its end --
     mbarrier.wait(k_bars.index(0), 0)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-    s_token = _queue_scores(q_smem, k_smem, k_bars, s_zero, 1, hi, K_STAGES)
+    s_token = _queue_scores(q_smem, k_smem, k_bars, s_zero, 1, hi)
     s, keep, valid, m_i, alpha = _vote(s, m_i, row_ok, offs_m, 0, 0 >= full_hi, causal_off, kv_len, qk_scale,
                                        log_lam2, VOTE, IS_CAUSAL)
-    v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, 0, hi, keep, 0, K_STAGES, BLOCK_N)
+    v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, 0, hi, keep, 0, BLOCK_N)
     n_valid += valid.to(gl.int32)
     n_kept += keep.to(gl.int32)
     if DEBUG:
@@ -158,11 +158,11 @@ def _key_tiles(q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o
             s = warpgroup_mma_wait(0, deps=(s_token,))
         # S_{j+2} is queued at this one point on both paths: a product in flight must not pass an if/else join
         # (ptxas then serialises every wgmma)
-        s_token = _queue_scores(q_smem, k_smem, k_bars, s_zero, nxt + 1, hi, K_STAGES)
+        s_token = _queue_scores(q_smem, k_smem, k_bars, s_zero, nxt + 1, hi)
         if not kept:  # tile j + 1 votes while S_{j+2} runs: a run of skipped tiles keeps the tensor cores busy
             s, keep, valid, m_i, alpha = _vote(s, m_i, row_ok, offs_m, nxt * BLOCK_N, nxt >= full_hi, causal_off,
                                                kv_len, qk_scale, log_lam2, VOTE, IS_CAUSAL)
-        v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, nxt, hi, keep, v_loads, K_STAGES, BLOCK_N)
+        v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, nxt, hi, keep, v_loads, BLOCK_N)
         n_valid += valid.to(gl.int32)
         n_kept += keep.to(gl.int32)
         if DEBUG:
@@ -220,14 +220,14 @@ def gluon_prefill_kernel(
                                         strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], kv_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [V_BUFFERS, BLOCK_N, HEAD_DIM], kv_layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [V_BUFFERS, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(K_STAGES):
         mbarrier.init(k_bars.index(i), count=1)
-    for i in gl.static_range(2):
+    for i in gl.static_range(V_BUFFERS):
         mbarrier.init(v_bars.index(i), count=1)
     fence_async_shared()
 
@@ -265,17 +265,17 @@ def gluon_prefill_kernel(
             o, l_i, n_valid, n_kept = _key_tiles(
                 q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m, dec_row,
                 hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, True, IS_CAUSAL, DEBUG,
-                K_STAGES, BLOCK_N)
+                BLOCK_N)
         else:  # λ = 0, nothing to count: every visited tile holds a key its last row sees, so it is kept
             o, l_i, n_valid, n_kept = _key_tiles(
                 q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m, dec_row,
                 hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, False, IS_CAUSAL, DEBUG,
-                K_STAGES, BLOCK_N)
+                BLOCK_N)
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(K_STAGES):
         mbarrier.invalidate(k_bars.index(i))
-    for i in gl.static_range(2):
+    for i in gl.static_range(V_BUFFERS):
         mbarrier.invalidate(v_bars.index(i))
 
     # -- epilogue: rows with nothing unmasked output 0 --
