@@ -12,10 +12,14 @@ voted (its V on the way if it is kept) and S_{j+1} = Q·K_{j+1}ᵀ in flight::
                      wait P_j·V_j; queue S_{j+2}
     tile j skipped:  wait S_{j+1}; queue S_{j+2}
                      vote on tile j + 1         ‖ S_{j+2} runs
-    then: refill K_{j+1}'s ring slot; fetch V_{j+1} only if tile j + 1 is kept
+    then: refill K_{j+1}'s ring slot; fetch V_{j+1} only if tile j + 1 is kept; wait for K_{j+3}
 
 So a run of skipped tiles keeps the tensor cores on back-to-back QKᵀ products, and O's rescale waits for the
-next kept tile (a skipped tile moves the running max only when λ > 1). The loop is compiled twice, picked at
+next kept tile (a skipped tile moves the running max only when λ > 1). Between one product's wait and the
+next one's queueing nothing else runs: K is awaited a step ahead (Triton's CTA barrier before an mbarrier
+wait then falls while a product runs), and the loop takes two steps a turn, so that the scores voted on and
+the product in flight trade registers instead of copying S. The vote itself takes one CTA barrier
+(``_block_max``). The loop is compiled twice, picked at
 run time from λ: at λ = 0 (and not counting) the vote's block-wide reduction is left out and every visited
 tile is kept. K comes through a ring of TMA buffers, V into two alternating buffers. One program owns query
 tile i (BLOCK_M = br rows, two warpgroups of 64 rows) of one (batch, query head); λ, the skip rule, the masks
@@ -43,13 +47,27 @@ V_BUFFERS = gl.constexpr(2)  # V of the i-th kept tile sits in buffer i % V_BUFF
 
 
 @gluon.jit
-def _vote(s, m_i, row_ok, offs_m, start_n, needs_mask, causal_off, kv_len, qk_scale, log_lam2,
+def _block_max(rows, vote_smem):
+    """The max of a per-row vector whose rows are stacked by warp (the wgmma layout): each warp's own by shuffles
+    (the reshape to [warps, rows per warp] moves no data), then the warps' through shared memory, each thread
+    reading all of them. One CTA barrier and one shuffle round, where a block-wide ``gl.max`` takes two of
+    each."""
+    num_warps: gl.constexpr = vote_smem.shape[0]
+    vote_smem.store(gl.max(gl.reshape(rows, [num_warps, rows.shape[0] // num_warps]), axis=1))
+    gl.thread_barrier()
+    return gl.max(vote_smem.load(gl.BlockedLayout([num_warps], [32], [num_warps], [0])), axis=0)
+
+
+@gluon.jit
+def _vote(s, m_i, row_ok, offs_m, start_n, needs_mask, exists, causal_off, kv_len, qk_scale, log_lam2, vote_smem,
           VOTE: gl.constexpr, IS_CAUSAL: gl.constexpr):
-    """One key tile's raw scores → (masked raw scores, keep, valid, new running max, α); SPEC §4's vote.
+    """One key tile's raw scores → (masked raw scores, keep, new running max, α); SPEC §4's vote.
 
     The running max is in exp2 space; the scores stay raw (the scale is folded into P's exponent, and
-    max(s)·c = max(s·c) for c > 0 in floating point too, so the vote is the same). VOTE False (λ = 0, no
-    counting): every visited tile is valid and kept, and the block-wide reduction is left out."""
+    max(s)·c = max(s·c) for c > 0 in floating point too, so the vote is the same). Every tile in [0, hi)
+    holds a key that the query tile's last row sees, so it is valid; ``exists`` is False only for tile hi,
+    which the key loop may visit past the last. VOTE False (λ = 0, no counting): every tile that exists is
+    kept, and the block-wide reduction is left out."""
     if needs_mask:  # the diagonal and the last tile: causal (bottom-right) and Lk masks
         offs_n = start_n + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
         allowed = offs_n[None, :] < kv_len
@@ -57,17 +75,15 @@ def _vote(s, m_i, row_ok, offs_m, start_n, needs_mask, causal_off, kv_len, qk_sc
             allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_off)
         s = gl.where(allowed, s, float("-inf"))
     m_tile = gl.max(s, axis=1) * qk_scale
-    valid = gl.to_tensor(True)
-    keep = gl.to_tensor(True)
+    keep = gl.to_tensor(exists)
     if VOTE:
         gap = gl.where(m_tile == float("-inf"), float("-inf"),
                        gl.where(m_i == float("-inf"), float("inf"), m_tile - m_i))
-        tile_gap = gl.max(gl.where(row_ok, gap, float("-inf")), axis=0)  # rows past Lq never block a skip
-        valid = tile_gap > float("-inf")
-        keep = valid & (tile_gap >= log_lam2)
+        tile_gap = _block_max(gl.where(row_ok, gap, float("-inf")), vote_smem)  # rows past Lq never block a skip
+        keep = exists & (tile_gap >= log_lam2)
     m_new = gl.maximum(m_i, m_tile)
     alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
-    return s, keep, valid, m_new, alpha
+    return s, keep, m_new, alpha
 
 
 @gluon.jit
@@ -78,12 +94,19 @@ def _probabilities(s, m_i, l_i, qk_scale, P_LAYOUT: gl.constexpr, dtype: gl.cons
 
 
 @gluon.jit
-def _queue_scores(q_smem, k_smem, k_bars, s_zero, j, hi):
-    """Queue S_j = Q·K_jᵀ on the tensor cores. Past the last tile it queues the last one again (a product
-    nobody reads), so that every iteration hands the next one a product in flight."""
+def _await_k(k_bars, j, hi):
+    """Wait for K_j's TMA copy (past the last tile, for the last one's: see ``_queue_scores``). Done a step ahead
+    of the product, right after the fetch: Triton puts a CTA barrier before this wait (the fetch wrote the
+    barriers), and there it costs nothing, while S_{j-1} still runs."""
     j = gl.minimum(j, hi - 1)
-    k_slot = j % K_STAGES
-    mbarrier.wait(k_bars.index(k_slot), (j // K_STAGES) & 1)
+    mbarrier.wait(k_bars.index(j % K_STAGES), (j // K_STAGES) & 1)
+
+
+@gluon.jit
+def _queue_scores(q_smem, k_smem, s_zero, j, hi):
+    """Queue S_j = Q·K_jᵀ on the tensor cores (K_j awaited). Past the last tile it queues the last one again (a
+    product nobody reads), so that every iteration hands the next one a product in flight."""
+    k_slot = gl.minimum(j, hi - 1) % K_STAGES
     return warpgroup_mma(q_smem, k_smem.index(k_slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
 
 
@@ -117,66 +140,86 @@ def _accumulate(o, o_alpha, p, v_smem, v_bars, v_loads):
 
 
 @gluon.jit
-def _key_tiles(q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m,
+def _next_tile(j, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem, k_smem, v_smem, vote_smem,
+               k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len,
+               qk_scale, log_lam2, p_layout: gl.constexpr, mma_o: gl.constexpr, VOTE: gl.constexpr,
+               IS_CAUSAL: gl.constexpr, DEBUG: gl.constexpr, BLOCK_N: gl.constexpr):
+    """One step of the key loop: finish tile j (voted, S_{j+1} in flight) and vote on tile j + 1, leaving S_{j+2}
+    in flight. Tile j + 1 may be tile hi, one past the last: it does not exist, so it is not kept."""
+    dtype: gl.constexpr = q_smem.dtype
+    nxt = j + 1
+    l_i = l_i * alpha  # the running max moves on skipped tiles too when λ > 1 (exact rescale)
+    o_alpha = o_alpha * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))
+    kept = keep
+    if kept:  # P_j while S_{j+1} runs, then P_j·V_j while tile j + 1 votes
+        p, l_i = _probabilities(s, m_i, l_i, qk_scale, p_layout, dtype)
+        s = warpgroup_mma_wait(0, deps=(s_token,))
+        o_token = _accumulate(o, o_alpha, p, v_smem, v_bars, v_loads)
+        o_alpha = gl.full_like(o_alpha, 1.0)
+        s, keep, m_i, alpha = _vote(s, m_i, row_ok, offs_m, nxt * BLOCK_N, nxt >= full_hi, nxt < hi, causal_off,
+                                    kv_len, qk_scale, log_lam2, vote_smem, VOTE, IS_CAUSAL)
+        o, p = warpgroup_mma_wait(0, deps=(o_token, p))  # P's registers stay live until the product is done
+    else:
+        s = warpgroup_mma_wait(0, deps=(s_token,))
+    # S_{j+2} is queued at this one point on both paths: a product in flight must not pass an if/else join
+    # (ptxas then serialises every wgmma)
+    s_token = _queue_scores(q_smem, k_smem, s_zero, nxt + 1, hi)
+    if not kept:  # tile j + 1 votes while S_{j+2} runs: a run of skipped tiles keeps the tensor cores busy
+        s, keep, m_i, alpha = _vote(s, m_i, row_ok, offs_m, nxt * BLOCK_N, nxt >= full_hi, nxt < hi, causal_off,
+                                    kv_len, qk_scale, log_lam2, vote_smem, VOTE, IS_CAUSAL)
+    v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, nxt, hi, keep, v_loads, BLOCK_N)
+    _await_k(k_bars, nxt + 2, hi)
+    if DEBUG:
+        gl.store(dec_row + nxt, keep.to(gl.int8), mask=nxt < hi)
+    return s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads
+
+
+@gluon.jit
+def _key_tiles(q_smem, k_smem, v_smem, vote_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m,
                dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout: gl.constexpr,
                mma_o: gl.constexpr, VOTE: gl.constexpr, IS_CAUSAL: gl.constexpr, DEBUG: gl.constexpr,
                BLOCK_N: gl.constexpr):
-    """Key tiles [0, hi) of one query tile (hi ≥ 1): returns (O, l, valid tiles, kept tiles).
+    """Key tiles [0, hi) of one query tile (hi ≥ 1): returns (O, l, kept tiles). Every kept tile fetches its V,
+    so the V count is the kept count.
 
     O's rescale by the running max's moves is deferred to the next kept tile (``o_alpha``): a skipped tile
-    moves the max only when λ > 1, and never pays the O-sized multiply."""
-    dtype: gl.constexpr = q_smem.dtype
+    moves the max only when λ > 1, and never pays the O-sized multiply. The loop takes two steps per turn, so
+    that the voted scores and the product in flight swap registers from one step to the next and back: one
+    step per turn makes the loop-carried scores a fixed register set, and a skipped tile then copies S out of
+    the product's registers before it can queue the next one. An odd step count ends on tile hi, which
+    nothing sees."""
     o_alpha = gl.full([o.shape[0]], 1.0, gl.float32, layout=gl.SliceLayout(1, mma_o))
-    n_valid = 0
-    n_kept = 0
-    # -- tile 0 voted before the loop while S_1 runs; each iteration then finishes tile j and votes on j + 1,
+    # -- tile 0 voted before the loop while S_1 runs; each step then finishes tile j and votes on j + 1,
     #    with S_{j+2} in flight by its end --
     mbarrier.wait(k_bars.index(0), 0)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-    s_token = _queue_scores(q_smem, k_smem, k_bars, s_zero, 1, hi)
-    s, keep, valid, m_i, alpha = _vote(s, m_i, row_ok, offs_m, 0, 0 >= full_hi, causal_off, kv_len, qk_scale,
-                                       log_lam2, VOTE, IS_CAUSAL)
+    _await_k(k_bars, 1, hi)
+    s_token = _queue_scores(q_smem, k_smem, s_zero, 1, hi)
+    s, keep, m_i, alpha = _vote(s, m_i, row_ok, offs_m, 0, 0 >= full_hi, 0 < hi, causal_off, kv_len, qk_scale,
+                                log_lam2, vote_smem, VOTE, IS_CAUSAL)
     v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, 0, hi, keep, 0, BLOCK_N)
-    n_valid += valid.to(gl.int32)
-    n_kept += keep.to(gl.int32)
+    _await_k(k_bars, 2, hi)
     if DEBUG:
         gl.store(dec_row, keep.to(gl.int8))
-    for j in range(0, hi - 1):
-        nxt = j + 1
-        l_i = l_i * alpha  # the running max moves on skipped tiles too when λ > 1 (exact rescale)
-        o_alpha = o_alpha * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))
-        kept = keep
-        if kept:  # P_j while S_{j+1} runs, then P_j·V_j while tile j + 1 votes
-            p, l_i = _probabilities(s, m_i, l_i, qk_scale, p_layout, dtype)
-            s = warpgroup_mma_wait(0, deps=(s_token,))
-            o_token = _accumulate(o, o_alpha, p, v_smem, v_bars, v_loads)
-            o_alpha = gl.full_like(o_alpha, 1.0)
-            s, keep, valid, m_i, alpha = _vote(s, m_i, row_ok, offs_m, nxt * BLOCK_N, nxt >= full_hi, causal_off,
-                                               kv_len, qk_scale, log_lam2, VOTE, IS_CAUSAL)
-            o, p = warpgroup_mma_wait(0, deps=(o_token, p))  # P's registers stay live until the product is done
-        else:
-            s = warpgroup_mma_wait(0, deps=(s_token,))
-        # S_{j+2} is queued at this one point on both paths: a product in flight must not pass an if/else join
-        # (ptxas then serialises every wgmma)
-        s_token = _queue_scores(q_smem, k_smem, k_bars, s_zero, nxt + 1, hi)
-        if not kept:  # tile j + 1 votes while S_{j+2} runs: a run of skipped tiles keeps the tensor cores busy
-            s, keep, valid, m_i, alpha = _vote(s, m_i, row_ok, offs_m, nxt * BLOCK_N, nxt >= full_hi, causal_off,
-                                               kv_len, qk_scale, log_lam2, VOTE, IS_CAUSAL)
-        v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, nxt, hi, keep, v_loads, BLOCK_N)
-        n_valid += valid.to(gl.int32)
-        n_kept += keep.to(gl.int32)
-        if DEBUG:
-            gl.store(dec_row + nxt, keep.to(gl.int8))
+    for j in range(0, hi - 1 + (hi - 1) % 2, 2):
+        s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads = _next_tile(
+            j, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem, k_smem, v_smem, vote_smem,
+            k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len,
+            qk_scale, log_lam2, p_layout, mma_o, VOTE, IS_CAUSAL, DEBUG, BLOCK_N)
+        s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads = _next_tile(
+            j + 1, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem, k_smem, v_smem, vote_smem,
+            k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len,
+            qk_scale, log_lam2, p_layout, mma_o, VOTE, IS_CAUSAL, DEBUG, BLOCK_N)
     warpgroup_mma_wait(0, deps=(s_token,))  # the product queued past the last tile
     l_i = l_i * alpha
     o_alpha = o_alpha * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))
     if keep:  # the last tile
-        p, l_i = _probabilities(s, m_i, l_i, qk_scale, p_layout, dtype)
+        p, l_i = _probabilities(s, m_i, l_i, qk_scale, p_layout, q_smem.dtype)
         o_token = _accumulate(o, o_alpha, p, v_smem, v_bars, v_loads)
         o, p = warpgroup_mma_wait(0, deps=(o_token, p))
     else:
         o = o * o_alpha[:, None]
-    return o, l_i, n_valid, n_kept
+    return o, l_i, v_loads
 
 
 @gluon.jit
@@ -224,6 +267,7 @@ def gluon_prefill_kernel(
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [V_BUFFERS, 1], mbarrier.MBarrierLayout())
+    vote_smem = gl.allocate_shared_memory(gl.float32, [num_warps], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(K_STAGES):
         mbarrier.init(k_bars.index(i), count=1)
@@ -256,19 +300,18 @@ def gluon_prefill_kernel(
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows)
     o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=mma_o)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-    n_valid = 0
     n_kept = 0
     mbarrier.wait(q_bar, 0)
     if hi > 0:  # two compiled loops, picked at run time: the vote's reduction is only paid for when it decides
         dec_row = dec_ptr + b * stride_db + h * stride_dh + tile_m * stride_di
         if COUNT or DEBUG or (log_lam2 > float("-inf")):
-            o, l_i, n_valid, n_kept = _key_tiles(
-                q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m, dec_row,
+            o, l_i, n_kept = _key_tiles(
+                q_smem, k_smem, v_smem, vote_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m, dec_row,
                 hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, True, IS_CAUSAL, DEBUG,
                 BLOCK_N)
         else:  # λ = 0, nothing to count: every visited tile holds a key its last row sees, so it is kept
-            o, l_i, n_valid, n_kept = _key_tiles(
-                q_smem, k_smem, v_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m, dec_row,
+            o, l_i, n_kept = _key_tiles(
+                q_smem, k_smem, v_smem, vote_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m, dec_row,
                 hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, False, IS_CAUSAL, DEBUG,
                 BLOCK_N)
 
@@ -288,5 +331,5 @@ def gluon_prefill_kernel(
              out.to(dtype), mask=(offs_mo < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :])
     if COUNT:
         stats_row = stats_ptr + phase * stats_cols
-        gl.atomic_add(stats_row, n_valid.to(gl.int64))
-        gl.atomic_add(stats_row + 1, (n_valid - n_kept).to(gl.int64))
+        gl.atomic_add(stats_row, hi.to(gl.int64))  # every visited tile is valid (see _vote)
+        gl.atomic_add(stats_row + 1, (hi - n_kept).to(gl.int64))

@@ -1,0 +1,117 @@
+"""A/B of the Gluon prefill kernel against its form at a git revision, in one process on one GPU.
+
+    PYTHONPATH=. python bench/kernel_ab.py check --base 3e2595b     # outputs, stats, decisions: bit-identical?
+    PYTHONPATH=. python bench/kernel_ab.py bench --base 3e2595b     # times at 8k-32k, both kernels twice, interleaved
+
+The base kernel is ``fxsparse/ops/gluon_prefill.py`` as of ``--base``, loaded beside the working tree's. Kernel
+changes move times by a few percent, about the run-to-run spread of a full bench, so they are compared here in one
+session on the same inputs. One JSON line per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from fxsparse.ops import triton_attention
+from fxsparse.ops.threshold import make_threshold_state
+
+KERNEL_PATH = "fxsparse/ops/gluon_prefill.py"
+
+
+def kernel_at(revision: str):
+    """The Gluon prefill kernel of ``revision``, as a module beside the current one (its relative imports hold)."""
+    source = subprocess.run(["git", "show", f"{revision}:{KERNEL_PATH}"], capture_output=True, text=True, check=True)
+    path = os.path.join(tempfile.mkdtemp(), "gluon_prefill_base.py")
+    with open(path, "w") as f:
+        f.write(source.stdout)
+    spec = importlib.util.spec_from_file_location("fxsparse.ops.gluon_prefill_base", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.gluon_prefill_kernel
+
+
+def run(kernel, q, k, v, lam, causal, record=False):
+    """One call through the launcher with ``kernel``; with ``record``, also its stats and per-tile decisions."""
+    triton_attention.gluon_prefill_kernel = kernel
+    state = make_threshold_state(lam, device="cuda")
+    stats = torch.zeros(2, 2, dtype=torch.int64, device="cuda") if record else None
+    tiles = (q.shape[0], q.shape[1], -(-q.shape[2] // 128), -(-k.shape[2] // 128))
+    decisions = torch.zeros(tiles, dtype=torch.int8, device="cuda") if record else None
+    out = triton_attention.skip_softmax_attention(q, k, v, None, causal, q.shape[-1] ** -0.5, state, 128, 128, stats,
+                                                  None, decisions_out=decisions)
+    torch.cuda.synchronize()
+    return out, stats, decisions
+
+
+def check(kernels):
+    """Ragged lengths (an odd and an even number of key tiles), GQA, Lq < Lk, Lq > Lk, non-causal, λ from 0 to 3."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for d in (128, 64):
+        for n in (2500, 2432, 300, 129):
+            q = (torch.randn(2, 8, n, d, generator=gen, device="cuda") * 2.5).bfloat16()  # gaps of several nats
+            k = torch.randn(2, 2, n, d, generator=gen, device="cuda").bfloat16()
+            v = torch.randn(2, 2, n, d, generator=gen, device="cuda").bfloat16()
+            cases = [(q, k, v, lam, True) for lam in (0.0, 0.05, 0.5, 3.0)] + [
+                (q[:, :, n // 4:], k, v, 0.3, True), (q, k[:, :, :n // 2], v[:, :, :n // 2], 0.3, True),
+                (q[:, :, :n // 2], k, v, 0.1, False)]
+            for case, (qq, kk, vv, lam, causal) in enumerate(cases):
+                base, base_stats, base_dec = run(kernels["base"], qq, kk, vv, lam, causal, record=True)
+                new, new_stats, new_dec = run(kernels["new"], qq, kk, vv, lam, causal, record=True)
+                fast_diff = (run(kernels["base"], qq, kk, vv, lam, causal)[0].float()
+                             - run(kernels["new"], qq, kk, vv, lam, causal)[0].float()).abs().max().item()
+                print(json.dumps(dict(d=d, n=n, case=case, lam=lam, max_diff=(base.float() - new.float()).abs().max().item(),
+                                      max_diff_unrecorded=fast_diff, stats_equal=torch.equal(base_stats, new_stats),
+                                      stats=new_stats.tolist(), decisions_differ=int((base_dec != new_dec).sum()))),
+                      flush=True)
+
+
+def bench(kernels):
+    """bench/test_prefill.py's shape and inputs; cuDNN SDPA (GQA expanded) as the yardstick."""
+    from bench.inputs import lambdas_for_sparsity, structured_qkv
+    from bench.test_prefill import TRIALS
+
+    for seq_len in (8192, 16384, 32768):
+        q, k, v = structured_qkv(1, 32, 8, seq_len, 128, concentration=1.3, device="cuda")
+        k_full, v_full = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cudnn = do_bench(lambda: F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True), warmup=25,
+                             rep=100, return_mode="median")
+        found = lambdas_for_sparsity(q, k, v, True, TRIALS, (0.5, 0.7, 0.9))
+        for target, lam in [(0.0, 0.0)] + [(t, lam) for t, (lam, _) in found.items()]:
+            row = dict(L=seq_len, target=target, lam=lam, cudnn_ms=round(cudnn, 4))
+            for name in ("base", "new") * 2:
+                triton_attention.gluon_prefill_kernel = kernels[name]
+                state = make_threshold_state(lam, device="cuda")
+                ms = do_bench(lambda: triton_attention.skip_softmax_attention(q, k, v, None, True, 128**-0.5, state,
+                                                                              128, 128),
+                              warmup=10, rep=60, return_mode="median")
+                row.setdefault(f"{name}_ms", []).append(round(ms, 4))
+            row.update({f"{name}_x_cudnn": round(cudnn / min(row[f"{name}_ms"]), 3) for name in kernels})
+            print(json.dumps(row), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["check", "bench"])
+    parser.add_argument("--base", required=True, help="git revision of the kernel to compare against")
+    args = parser.parse_args()
+    if triton_attention.gluon_prefill_kernel is None or not torch.cuda.is_available():
+        sys.exit("the Gluon prefill kernel needs a Hopper GPU and Triton 3.6")
+    kernels = {"base": kernel_at(args.base), "new": triton_attention.gluon_prefill_kernel}
+    (check if args.mode == "check" else bench)(kernels)
+
+
+if __name__ == "__main__":
+    main()
