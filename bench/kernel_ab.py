@@ -71,8 +71,9 @@ def check(kernels):
                 new, new_stats, new_dec = run(kernels["new"], qq, kk, vv, lam, causal, record=True)
                 fast_diff = (run(kernels["base"], qq, kk, vv, lam, causal)[0].float()
                              - run(kernels["new"], qq, kk, vv, lam, causal)[0].float()).abs().max().item()
-                print(json.dumps(dict(d=d, n=n, case=case, lam=lam, max_diff=(base.float() - new.float()).abs().max().item(),
-                                      max_diff_unrecorded=fast_diff, stats_equal=torch.equal(base_stats, new_stats),
+                max_diff = (base.float() - new.float()).abs().max().item()
+                print(json.dumps(dict(d=d, n=n, case=case, lam=lam, max_diff=max_diff, max_diff_unrecorded=fast_diff,
+                                      stats_equal=torch.equal(base_stats, new_stats),
                                       stats=new_stats.tolist(), decisions_differ=int((base_dec != new_dec).sum()))),
                       flush=True)
 

@@ -306,14 +306,14 @@ def gluon_prefill_kernel(
         dec_row = dec_ptr + b * stride_db + h * stride_dh + tile_m * stride_di
         if COUNT or DEBUG or (log_lam2 > float("-inf")):
             o, l_i, n_kept = _key_tiles(
-                q_smem, k_smem, v_smem, vote_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m, dec_row,
-                hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, True, IS_CAUSAL, DEBUG,
-                BLOCK_N)
+                q_smem, k_smem, v_smem, vote_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok,
+                offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, True, IS_CAUSAL,
+                DEBUG, BLOCK_N)
         else:  # λ = 0, nothing to count: every visited tile holds a key its last row sees, so it is kept
             o, l_i, n_kept = _key_tiles(
-                q_smem, k_smem, v_smem, vote_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m, dec_row,
-                hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, False, IS_CAUSAL, DEBUG,
-                BLOCK_N)
+                q_smem, k_smem, v_smem, vote_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok,
+                offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, False, IS_CAUSAL,
+                DEBUG, BLOCK_N)
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(K_STAGES):
