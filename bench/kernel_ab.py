@@ -3,7 +3,10 @@
     PYTHONPATH=. python bench/kernel_ab.py check --base 3e2595b     # outputs, stats, decisions: bit-identical?
     PYTHONPATH=. python bench/kernel_ab.py bench --base 3e2595b     # times at 8k-32k, both kernels twice, interleaved
 
-The base kernel is ``fxsparse/ops/gluon_prefill.py`` as of ``--base``, loaded beside the working tree's. Kernel
+The base kernel is ``fxsparse/ops/gluon_prefill.py`` as of the revision ``--base``, or the kernel file it names,
+loaded beside the working tree's. The device machine gets the working tree without ``.git``: save the base there
+first (``git show 3e2595b:fxsparse/ops/gluon_prefill.py > base_kernel.py``, an untracked file travels) and pass
+``--base base_kernel.py``. Kernel
 changes move times by a few percent, about the run-to-run spread of a full bench, so they are compared here in one
 session on the same inputs. One JSON line per case.
 """
@@ -29,12 +32,16 @@ from fxsparse.ops.threshold import make_threshold_state
 KERNEL_PATH = "fxsparse/ops/gluon_prefill.py"
 
 
-def kernel_at(revision: str):
-    """The Gluon prefill kernel of ``revision``, as a module beside the current one (its relative imports hold)."""
-    source = subprocess.run(["git", "show", f"{revision}:{KERNEL_PATH}"], capture_output=True, text=True, check=True)
-    path = os.path.join(tempfile.mkdtemp(), "gluon_prefill_base.py")
-    with open(path, "w") as f:
-        f.write(source.stdout)
+def kernel_at(base: str):
+    """The Gluon prefill kernel of ``base`` (a kernel file, or a git revision), as a module beside the current one
+    (its relative imports hold)."""
+    if os.path.isfile(base):
+        path = base
+    else:
+        source = subprocess.run(["git", "show", f"{base}:{KERNEL_PATH}"], capture_output=True, text=True, check=True)
+        path = os.path.join(tempfile.mkdtemp(), "gluon_prefill_base.py")
+        with open(path, "w") as f:
+            f.write(source.stdout)
     spec = importlib.util.spec_from_file_location("fxsparse.ops.gluon_prefill_base", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -106,7 +113,7 @@ def bench(kernels):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["check", "bench"])
-    parser.add_argument("--base", required=True, help="git revision of the kernel to compare against")
+    parser.add_argument("--base", required=True, help="the kernel to compare against: a git revision or a file")
     args = parser.parse_args()
     if triton_attention.gluon_prefill_kernel is None or not torch.cuda.is_available():
         sys.exit("the Gluon prefill kernel needs a Hopper GPU and Triton 3.6")
