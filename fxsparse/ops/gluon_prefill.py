@@ -95,9 +95,9 @@ def _probabilities(s, m_i, l_i, qk_scale, P_LAYOUT: gl.constexpr, dtype: gl.cons
 
 @gluon.jit
 def _await_k(k_bars, j, hi):
-    """Wait for K_j's TMA copy (past the last tile, for the last one's: see ``_queue_scores``). Done a step ahead
-    of the product, right after the fetch: Triton puts a CTA barrier before this wait (the fetch wrote the
-    barriers), and there it costs nothing, while S_{j-1} still runs."""
+    """Wait for K_j's TMA copy, j clamped to the last tile as in ``_queue_scores``. Done a step ahead of the
+    product, right after the fetch: Triton puts a CTA barrier before this wait (the fetch wrote the barriers),
+    and there it costs nothing, while S_{j-1} still runs."""
     j = gl.minimum(j, hi - 1)
     mbarrier.wait(k_bars.index(j % K_STAGES), (j // K_STAGES) & 1)
 
@@ -105,7 +105,7 @@ def _await_k(k_bars, j, hi):
 @gluon.jit
 def _queue_scores(q_smem, k_smem, s_zero, j, hi):
     """Queue S_j = Q·K_jᵀ on the tensor cores (K_j awaited). Past the last tile it queues the last one again (a
-    product nobody reads), so that every iteration hands the next one a product in flight."""
+    product nobody reads), so that every step hands the next one a product in flight."""
     k_slot = gl.minimum(j, hi - 1) % K_STAGES
     return warpgroup_mma(q_smem, k_smem.index(k_slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
 
