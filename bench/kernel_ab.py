@@ -1,10 +1,11 @@
 """A/B of the Gluon prefill kernel against its form at a git revision, in one process on one GPU.
 
     PYTHONPATH=. python bench/kernel_ab.py check --base 3e2595b     # outputs, stats, decisions: bit-identical?
-    PYTHONPATH=. python bench/kernel_ab.py bench --base 3e2595b     # times at 8k-32k, both kernels twice, interleaved
+    PYTHONPATH=. python bench/kernel_ab.py bench --base 3e2595b     # times at 8k-32k, each kernel twice, interleaved
 
 The base kernel is ``fxsparse/ops/gluon_prefill.py`` as of the revision ``--base``, or the kernel file it names,
-loaded beside the working tree's. The device machine gets the working tree without ``.git``: save the base there
+loaded beside the working tree's; ``--variants`` (revisions or files, named by their stem) replace the working
+tree's kernel as the ones compared with it. The device machine gets the working tree without ``.git``: save the base there
 first (``git show 3e2595b:fxsparse/ops/gluon_prefill.py > base_kernel.py``, an untracked file travels) and pass
 ``--base base_kernel.py``. Kernel
 changes move times by a few percent, about the run-to-run spread of a full bench, so they are compared here in one
@@ -32,17 +33,17 @@ from fxsparse.ops.threshold import make_threshold_state
 KERNEL_PATH = "fxsparse/ops/gluon_prefill.py"
 
 
-def kernel_at(base: str):
-    """The Gluon prefill kernel of ``base`` (a kernel file, or a git revision), as a module beside the current one
+def kernel_at(where: str, name: str):
+    """The Gluon prefill kernel of ``where`` (a kernel file, or a git revision), as a module beside the current one
     (its relative imports hold)."""
-    if os.path.isfile(base):
-        path = base
+    if os.path.isfile(where):
+        path = where
     else:
-        source = subprocess.run(["git", "show", f"{base}:{KERNEL_PATH}"], capture_output=True, text=True, check=True)
-        path = os.path.join(tempfile.mkdtemp(), "gluon_prefill_base.py")
+        source = subprocess.run(["git", "show", f"{where}:{KERNEL_PATH}"], capture_output=True, text=True, check=True)
+        path = os.path.join(tempfile.mkdtemp(), f"gluon_prefill_{name}.py")
         with open(path, "w") as f:
             f.write(source.stdout)
-    spec = importlib.util.spec_from_file_location("fxsparse.ops.gluon_prefill_base", path)
+    spec = importlib.util.spec_from_file_location(f"fxsparse.ops.gluon_prefill_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -75,14 +76,15 @@ def check(kernels):
                 (q[:, :, :n // 2], k, v, 0.1, False)]
             for case, (qq, kk, vv, lam, causal) in enumerate(cases):
                 base, base_stats, base_dec = run(kernels["base"], qq, kk, vv, lam, causal, record=True)
-                new, new_stats, new_dec = run(kernels["new"], qq, kk, vv, lam, causal, record=True)
-                fast_diff = (run(kernels["base"], qq, kk, vv, lam, causal)[0].float()
-                             - run(kernels["new"], qq, kk, vv, lam, causal)[0].float()).abs().max().item()
-                max_diff = (base.float() - new.float()).abs().max().item()
-                print(json.dumps(dict(d=d, n=n, case=case, lam=lam, max_diff=max_diff, max_diff_unrecorded=fast_diff,
-                                      stats_equal=torch.equal(base_stats, new_stats),
-                                      stats=new_stats.tolist(), decisions_differ=int((base_dec != new_dec).sum()))),
-                      flush=True)
+                base_fast = run(kernels["base"], qq, kk, vv, lam, causal)[0].float()
+                for name in list(kernels)[1:]:
+                    new, new_stats, new_dec = run(kernels[name], qq, kk, vv, lam, causal, record=True)
+                    fast_diff = (base_fast - run(kernels[name], qq, kk, vv, lam, causal)[0].float()).abs().max().item()
+                    print(json.dumps(dict(kernel=name, d=d, n=n, case=case, lam=lam,
+                                          max_diff=(base.float() - new.float()).abs().max().item(),
+                                          max_diff_unrecorded=fast_diff, stats_equal=torch.equal(base_stats, new_stats),
+                                          stats=new_stats.tolist(), decisions_differ=int((base_dec != new_dec).sum()))),
+                          flush=True)
 
 
 def bench(kernels):
@@ -99,7 +101,7 @@ def bench(kernels):
         found = lambdas_for_sparsity(q, k, v, True, TRIALS, (0.5, 0.7, 0.9))
         for target, lam in [(0.0, 0.0)] + [(t, lam) for t, (lam, _) in found.items()]:
             row = dict(L=seq_len, target=target, lam=lam, cudnn_ms=round(cudnn, 4))
-            for name in ("base", "new") * 2:
+            for name in list(kernels) * 2:
                 triton_attention.gluon_prefill_kernel = kernels[name]
                 state = make_threshold_state(lam, device="cuda")
                 ms = do_bench(lambda: triton_attention.skip_softmax_attention(q, k, v, None, True, 128**-0.5, state,
@@ -114,10 +116,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["check", "bench"])
     parser.add_argument("--base", required=True, help="the kernel to compare against: a git revision or a file")
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help="kernels compared with it (revisions or files); default: the working tree's")
     args = parser.parse_args()
     if triton_attention.gluon_prefill_kernel is None or not torch.cuda.is_available():
         sys.exit("the Gluon prefill kernel needs a Hopper GPU and Triton 3.6")
-    kernels = {"base": kernel_at(args.base), "new": triton_attention.gluon_prefill_kernel}
+    kernels = {"base": kernel_at(args.base, "base")}
+    for where in args.variants:
+        name = os.path.splitext(os.path.basename(where))[0]
+        kernels[name] = kernel_at(where, name)
+    if not args.variants:
+        kernels["new"] = triton_attention.gluon_prefill_kernel
     (check if args.mode == "check" else bench)(kernels)
 
 
