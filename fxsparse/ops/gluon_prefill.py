@@ -141,8 +141,8 @@ def _accumulate(o, o_alpha, p, v_smem, v_bars, v_loads):
 
 @gluon.jit
 def _next_tile(j, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem, k_smem, v_smem, vote_smem,
-               k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len,
-               qk_scale, log_lam2, p_layout: gl.constexpr, mma_o: gl.constexpr, VOTE: gl.constexpr,
+               vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off,
+               kv_len, qk_scale, log_lam2, p_layout: gl.constexpr, mma_o: gl.constexpr, VOTE: gl.constexpr,
                IS_CAUSAL: gl.constexpr, DEBUG: gl.constexpr, BLOCK_N: gl.constexpr):
     """One step of the key loop: finish tile j (voted, S_{j+1} in flight) and vote on tile j + 1, leaving S_{j+2}
     in flight. Tile j + 1 may be tile hi, one past the last: it does not exist, so it is not kept."""
@@ -166,7 +166,7 @@ def _next_tile(j, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem
     s_token = _queue_scores(q_smem, k_smem, s_zero, nxt + 1, hi)
     if not kept:  # tile j + 1 votes while S_{j+2} runs: a run of skipped tiles keeps the tensor cores busy
         s, keep, m_i, alpha = _vote(s, m_i, row_ok, offs_m, nxt * BLOCK_N, nxt >= full_hi, nxt < hi, causal_off,
-                                    kv_len, qk_scale, log_lam2, vote_smem, VOTE, IS_CAUSAL)
+                                    kv_len, qk_scale, log_lam2, vote_skip_smem, VOTE, IS_CAUSAL)
     v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, nxt, hi, keep, v_loads, BLOCK_N)
     _await_k(k_bars, nxt + 2, hi)
     if DEBUG:
@@ -175,8 +175,8 @@ def _next_tile(j, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem
 
 
 @gluon.jit
-def _key_tiles(q_smem, k_smem, v_smem, vote_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok, offs_m,
-               dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout: gl.constexpr,
+def _key_tiles(q_smem, k_smem, v_smem, vote_smem, vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i,
+               row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout: gl.constexpr,
                mma_o: gl.constexpr, VOTE: gl.constexpr, IS_CAUSAL: gl.constexpr, DEBUG: gl.constexpr,
                BLOCK_N: gl.constexpr):
     """Key tiles [0, hi) of one query tile (hi ≥ 1): returns (O, l, kept tiles). Every kept tile fetches its V,
@@ -204,12 +204,12 @@ def _key_tiles(q_smem, k_smem, v_smem, vote_smem, k_bars, v_bars, k_desc, v_desc
     for j in range(0, hi - 1 + (hi - 1) % 2, 2):
         s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads = _next_tile(
             j, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem, k_smem, v_smem, vote_smem,
-            k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len,
-            qk_scale, log_lam2, p_layout, mma_o, VOTE, IS_CAUSAL, DEBUG, BLOCK_N)
+            vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off,
+            kv_len, qk_scale, log_lam2, p_layout, mma_o, VOTE, IS_CAUSAL, DEBUG, BLOCK_N)
         s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads = _next_tile(
             j + 1, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem, k_smem, v_smem, vote_smem,
-            k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len,
-            qk_scale, log_lam2, p_layout, mma_o, VOTE, IS_CAUSAL, DEBUG, BLOCK_N)
+            vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off,
+            kv_len, qk_scale, log_lam2, p_layout, mma_o, VOTE, IS_CAUSAL, DEBUG, BLOCK_N)
     warpgroup_mma_wait(0, deps=(s_token,))  # the product queued past the last tile
     l_i = l_i * alpha
     o_alpha = o_alpha * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))
@@ -268,6 +268,9 @@ def gluon_prefill_kernel(
     k_bars = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [V_BUFFERS, 1], mbarrier.MBarrierLayout())
     vote_smem = gl.allocate_shared_memory(gl.float32, [num_warps], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    # the skipped path's vote has a buffer of its own: Triton's hazard pass cannot tell that a step runs only one of
+    # the two votes, and puts a CTA barrier before a store into the buffer the other path read
+    vote_skip_smem = gl.allocate_shared_memory(gl.float32, [num_warps], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(K_STAGES):
         mbarrier.init(k_bars.index(i), count=1)
@@ -306,14 +309,14 @@ def gluon_prefill_kernel(
         dec_row = dec_ptr + b * stride_db + h * stride_dh + tile_m * stride_di
         if COUNT or DEBUG or (log_lam2 > float("-inf")):
             o, l_i, n_kept = _key_tiles(
-                q_smem, k_smem, v_smem, vote_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok,
-                offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, True, IS_CAUSAL,
-                DEBUG, BLOCK_N)
+                q_smem, k_smem, v_smem, vote_smem, vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i,
+                row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, True,
+                IS_CAUSAL, DEBUG, BLOCK_N)
         else:  # λ = 0, nothing to count: every visited tile holds a key its last row sees, so it is kept
             o, l_i, n_kept = _key_tiles(
-                q_smem, k_smem, v_smem, vote_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i, row_ok,
-                offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, False, IS_CAUSAL,
-                DEBUG, BLOCK_N)
+                q_smem, k_smem, v_smem, vote_smem, vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i,
+                row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, False,
+                IS_CAUSAL, DEBUG, BLOCK_N)
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(K_STAGES):
