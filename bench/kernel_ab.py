@@ -4,12 +4,11 @@
     PYTHONPATH=. python bench/kernel_ab.py bench --base 3e2595b     # times at 8k-32k, each kernel twice, interleaved
 
 The base kernel is ``fxsparse/ops/gluon_prefill.py`` as of the revision ``--base``, or the kernel file it names,
-loaded beside the working tree's; ``--variants`` (revisions or files, named by their stem) replace the working
-tree's kernel as the ones compared with it. The device machine gets the working tree without ``.git``: save the base there
-first (``git show 3e2595b:fxsparse/ops/gluon_prefill.py > base_kernel.py``, an untracked file travels) and pass
-``--base base_kernel.py``. Kernel
-changes move times by a few percent, about the run-to-run spread of a full bench, so they are compared here in one
-session on the same inputs. One JSON line per case.
+loaded beside the working tree's. The kernels compared with it are the working tree's, or those ``--variants`` names
+(revisions or files, each called by its file's stem). The device machine gets the working tree without ``.git``:
+save the base there first (``git show 3e2595b:fxsparse/ops/gluon_prefill.py > base_kernel.py``, an untracked file
+travels) and pass ``--base base_kernel.py``. Kernel changes move times by a few percent, about the run-to-run spread
+of a full bench, so they are compared here in one session on the same inputs. One JSON line per case.
 """
 
 from __future__ import annotations
