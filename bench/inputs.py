@@ -81,8 +81,8 @@ def structured_qkv(
 
 def lambdas_for_sparsity(q, k, v, causal: bool, trials: torch.Tensor, targets) -> dict[float, tuple[float, float]]:
     """For each target sparsity, the λ whose measured tile sparsity (br = bc = 128) is closest: one counting pass
-    of the Triton kernel over ``trials``, then one over a geometric grid between the two trials that bracket each
-    target (a coarse grid alone can land several points off: 67.8 % for ~70 % at 64k).
+    of the Triton kernel over ``trials`` (ascending), then one over a geometric grid between the two trials that
+    bracket each target (a coarse grid alone can land several points off: 67.8 % for ~70 % at 64k).
 
     Returns {target: (λ, the sparsity measured for it)}.
     """
