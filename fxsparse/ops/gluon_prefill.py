@@ -20,11 +20,11 @@ next one's queueing nothing else runs: K is awaited a step ahead (Triton's CTA b
 wait then falls while a product runs), and the loop takes two steps a turn, so that the scores voted on and
 the product in flight trade registers instead of copying S. The vote itself takes one CTA barrier
 (``_block_max``) and a tree for each row's max (``_row_max``). The loop is compiled twice, picked at run time
-from λ: at λ = 0 (and not counting) the vote's block-wide reduction is left out and every visited tile is kept. K comes through a ring of TMA buffers, V into two alternating buffers. One program owns query
-tile i (BLOCK_M = br rows, two warpgroups of 64 rows) of one (batch, query head); λ, the skip rule, the masks
-it handles (causal, lengths) and the statistics are those of ``triton_prefill.py`` (SPEC §4). Explicit masks,
-the measuring mode's trial grid, fp32 and other head dims or tile shapes stay on the Triton kernel
-(``triton_attention._gluon_ok``).
+from λ: at λ = 0 (and not counting) the vote's block-wide reduction is left out and every visited tile is kept.
+K comes through a ring of TMA buffers, V into two alternating buffers. One program owns query tile i
+(BLOCK_M = br rows, two warpgroups of 64 rows) of one (batch, query head); λ, the skip rule, the masks it handles
+(causal, lengths) and the statistics are those of ``triton_prefill.py`` (SPEC §4). Explicit masks, the measuring
+mode's trial grid, fp32 and other head dims or tile shapes stay on the Triton kernel (``triton_attention._gluon_ok``).
 """
 
 from __future__ import annotations
