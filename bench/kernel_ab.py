@@ -87,24 +87,22 @@ def check(kernels):
 
 
 def bench(kernels):
-    """bench/test_prefill.py's shape and inputs; cuDNN SDPA (GQA expanded) as the yardstick."""
-    from bench.inputs import lambdas_for_sparsity, structured_qkv
-    from bench.test_prefill import TRIALS
+    """bench/test_prefill.py's case (its shape, inputs and λ per target); cuDNN SDPA (GQA expanded), the yardstick."""
+    from bench.test_prefill import HKV, HQ, TARGETS, _case
 
     for seq_len in (8192, 16384, 32768):
-        q, k, v = structured_qkv(1, 32, 8, seq_len, 128, concentration=1.3, device="cuda")
-        k_full, v_full = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+        q, k, v, lambdas = _case(seq_len)
+        k_full, v_full = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             cudnn = do_bench(lambda: F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True), warmup=25,
                              rep=100, return_mode="median")
-        found = lambdas_for_sparsity(q, k, v, True, TRIALS, (0.5, 0.7, 0.9))
-        for target, lam in [(0.0, 0.0)] + [(t, lam) for t, (lam, _) in found.items()]:
+        for target, lam in [(0.0, 0.0)] + [(TARGETS[name], lam) for name, (lam, _) in lambdas.items()]:
             row = dict(L=seq_len, target=target, lam=lam, cudnn_ms=round(cudnn, 4))
             for name in list(kernels) * 2:
                 triton_attention.gluon_prefill_kernel = kernels[name]
                 state = make_threshold_state(lam, device="cuda")
-                ms = do_bench(lambda: triton_attention.skip_softmax_attention(q, k, v, None, True, 128**-0.5, state,
-                                                                              128, 128),
+                ms = do_bench(lambda: triton_attention.skip_softmax_attention(q, k, v, None, True, q.shape[-1] ** -0.5,
+                                                                              state, 128, 128),
                               warmup=10, rep=60, return_mode="median")
                 row.setdefault(f"{name}_ms", []).append(round(ms, 4))
             row.update({f"{name}_x_cudnn": round(cudnn / min(row[f"{name}_ms"]), 3) for name in kernels})
