@@ -28,6 +28,17 @@ POINTERS = dict(
     keep_heads_ptr="*i32", kept_ptr="*i32",
 )
 FLOATS = {"scale", "mask_min"}
+DESCRIPTORS = {"q_desc": "BLOCK_M", "k_desc": "BLOCK_N", "v_desc": "BLOCK_N", "o_desc": "BLOCK_M"}  # host TMA descriptors: rows per box
+
+
+def descriptor_type(name, constexprs):
+    """The signature of a Gluon kernel's host descriptor argument: a 4-D box of one (batch, head)'s rows."""
+    from triton.experimental.gluon import language as gl
+
+    box = [1, 1, constexprs[DESCRIPTORS[name]], constexprs["HEAD_DIM"]]
+    layout = gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16)
+    return f"tensordesc<bf16{box},{layout!r}>"
+
 CONSTEXPRS = dict(
     HEAD_DIM=128, VALUE_DIM=128, D_PAD=128, DV_PAD=128, BLOCK_M=128, BLOCK_N=128, BLOCK_G=16, BLOCK_T=1, T_PAD=2,
     IS_CAUSAL=True, MASK_KIND=0, COUNT_MODE=0, SKIP_V_LOAD=True, DEBUG=False, DOT_PRECISION="tf32",
@@ -82,8 +93,8 @@ def main() -> int:
     for name, overrides, num_warps, num_stages in VARIANTS:
         fn = kernels[name]
         constexprs = {a: v for a, v in {**CONSTEXPRS, **overrides}.items() if a in fn.arg_names}
-        signature = {a: "constexpr" if a in constexprs else POINTERS.get(a, "fp32" if a in FLOATS else "i32")
-                     for a in fn.arg_names}
+        signature = {a: "constexpr" if a in constexprs else descriptor_type(a, constexprs) if a in DESCRIPTORS
+                     else POINTERS.get(a, "fp32" if a in FLOATS else "i32") for a in fn.arg_names}
         label = f"{name} {overrides or ''} warps={num_warps} stages={num_stages}"
         try:
             # what the launcher's specialisation sees on real tensors: 16-byte aligned bases, and q/k/v/out

@@ -23,18 +23,19 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from fxsparse.ops import triton_attention
-from fxsparse.ops.threshold import make_threshold_state
+from fxsparse.ops.threshold import make_threshold_state, phase_of
 
 KERNEL_PATH = "fxsparse/ops/gluon_prefill.py"
 
 
 def kernel_at(where: str, name: str):
     """The Gluon prefill kernel of ``where`` (a kernel file, or a git revision), as a module beside the current one
-    (its relative imports hold)."""
+    (its relative imports hold), with the launcher it takes."""
     if os.path.isfile(where):
         path = where
     else:
@@ -46,12 +47,43 @@ def kernel_at(where: str, name: str):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.gluon_prefill_kernel
+    if hasattr(module, "io_args"):
+        return module.gluon_prefill_kernel, module.io_args, LAUNCH
+    return module.gluon_prefill_kernel, None, launch_with_pointers(module.gluon_prefill_kernel)
+
+
+LAUNCH = triton_attention._launch_gluon_prefill
+
+
+def launch_with_pointers(kernel):
+    """The launcher of the kernels without ``io_args`` (before 2026-12-03's host descriptors): they take
+    Q, K and V as pointers and strides and build their TMA descriptors in the kernel, in scratch memory."""
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+    def launch(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats,
+               decisions_out):
+        dummy = q.new_empty(1)
+        dec = decisions_out if decisions_out is not None else dummy
+        kernel[(triton.cdiv(q.shape[2], block_m), q.shape[0] * q.shape[1])](
+            q, k, v, out, state, stats if stats is not None else dummy, dec,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            *(dec.stride()[:3] if decisions_out is not None else (0, 0, 0)),
+            q.shape[1], q.shape[1] // k.shape[1], q.shape[2], k.shape[2], float(scale), phase_of(q.shape[2]),
+            stats_cols, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(is_causal),
+            COUNT=count_mode == 1, DEBUG=decisions_out is not None, num_warps=8)
+
+    return launch
+
+
+def use(kernel):
+    """Route the op's Gluon prefill through ``kernel`` (a (kernel, arguments' builder, launcher) of ``kernel_at``)."""
+    (triton_attention.gluon_prefill_kernel, triton_attention.gluon_io_args,
+     triton_attention._launch_gluon_prefill) = kernel
 
 
 def run(kernel, q, k, v, lam, causal, record=False):
     """One call through the launcher with ``kernel``; with ``record``, also its stats and per-tile decisions."""
-    triton_attention.gluon_prefill_kernel = kernel
+    use(kernel)
     state = make_threshold_state(lam, device="cuda")
     stats = torch.zeros(2, 2, dtype=torch.int64, device="cuda") if record else None
     tiles = (q.shape[0], q.shape[1], -(-q.shape[2] // 128), -(-k.shape[2] // 128))
@@ -99,7 +131,7 @@ def bench(kernels):
         for target, lam in [(0.0, 0.0)] + [(TARGETS[name], lam) for name, (lam, _) in lambdas.items()]:
             row = dict(L=seq_len, target=target, lam=lam, cudnn_ms=round(cudnn, 4))
             for name in list(kernels) * 2:
-                triton_attention.gluon_prefill_kernel = kernels[name]
+                use(kernels[name])
                 state = make_threshold_state(lam, device="cuda")
                 ms = do_bench(lambda: triton_attention.skip_softmax_attention(q, k, v, None, True, q.shape[-1] ** -0.5,
                                                                               state, 128, 128),
@@ -123,7 +155,7 @@ def main():
         name = os.path.splitext(os.path.basename(where))[0]
         kernels[name] = kernel_at(where, name)
     if not args.variants:
-        kernels["new"] = triton_attention.gluon_prefill_kernel
+        kernels["new"] = triton_attention.gluon_prefill_kernel, triton_attention.gluon_io_args, LAUNCH
     (check if args.mode == "check" else bench)(kernels)
 
 

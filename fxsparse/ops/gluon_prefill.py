@@ -21,9 +21,10 @@ wait then falls while a product runs), and the loop takes two steps a turn, so t
 the product in flight trade registers instead of copying S. The vote itself takes one CTA barrier
 (``_block_max``) and a tree for each row's max (``_row_max``). The loop is compiled twice, picked at run time
 from λ: at λ = 0 (and not counting) the vote's block-wide reduction is left out and every visited tile is kept.
-K comes through a ring of TMA buffers, V into two alternating buffers. One program owns query tile i
-(BLOCK_M = br rows, two warpgroups of 64 rows) of one (batch, query head); λ, the skip rule, the masks it handles
-(causal, lengths) and the statistics are those of ``triton_prefill.py`` (SPEC §4). Explicit masks, the measuring
+K comes through a ring of TMA buffers, V into two alternating buffers, all copies through the host's 4-D
+descriptors (``io_args``); O leaves through Q's buffer by one TMA store. One program owns query tile i (BLOCK_M =
+br rows, two warpgroups of 64 rows) of one (batch, query head); λ, the skip rule, the masks it handles (causal,
+lengths) and the statistics are those of ``triton_prefill.py`` (SPEC §4). Explicit masks, the measuring
 mode's trial grid, fp32 and other head dims or tile shapes stay on the Triton kernel (``triton_attention._gluon_ok``).
 """
 
@@ -39,10 +40,26 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
 from .triton_prefill import log2_threshold
 
 K_STAGES = gl.constexpr(4)  # K tiles in flight: a run of skipped tiles takes one every ~QKᵀ; 224 KiB with Q and V's
 V_BUFFERS = gl.constexpr(2)  # V of the i-th kept tile sits in buffer i % V_BUFFERS
+
+
+def io_args(q, k, v, out, block_m: int, block_n: int):
+    """The kernel's leading arguments, where Q, K, V come from and O goes: the host's TMA descriptors of Q, K and
+    V, [B, H, L, D] as they are (any strides TMA takes), one box = one (batch, head)'s block_m or block_n rows,
+    and O's (written through Q's buffer). Built once per call: a descriptor built in the kernel costs every program
+    a global write and two proxy fences before its first load."""
+    dtype = getattr(gl, str(q.dtype).removeprefix("torch."))  # float16 or bfloat16
+
+    def descriptor(t, rows):
+        box = [1, 1, rows, t.shape[-1]]
+        return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dtype))
+
+    return descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), descriptor(out, block_m)
 
 
 @gluon.jit
@@ -121,7 +138,15 @@ def _queue_scores(q_smem, k_smem, s_zero, j, hi):
 
 
 @gluon.jit
-def _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j, hi, keep, v_loads, BLOCK_N: gl.constexpr):
+def _copy_rows(desc, b, h, row, bar, dst, pred=True):
+    """TMA copy of the rows [row, row + box) of (batch b, head h) through the host's 4-D descriptor ``desc`` into
+    the 2-D buffer ``dst`` (the same bytes: the box's two leading dims are 1). Rows past L read as zeros."""
+    box = dst._reinterpret(dst.dtype, desc.block_type.shape, desc.layout)
+    tma.async_copy_global_to_shared(desc, [b, h, row, 0], bar, box, pred=pred)
+
+
+@gluon.jit
+def _fetch(k_desc, v_desc, kv_b, kv_h, k_smem, v_smem, k_bars, v_bars, j, hi, keep, v_loads, BLOCK_N: gl.constexpr):
     """After tile j's vote: K_j's slot takes tile j + K_STAGES, and V_j is fetched only if tile j is kept (into
     the buffer of the kept tile before last, whose P·V both warpgroups have waited for). Returns the V count.
 
@@ -134,9 +159,8 @@ def _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, j, hi, keep, v_loads,
     mbarrier.expect(k_bars.index(k_slot), k_desc.block_type.nbytes, pred=refill)
     mbarrier.expect(v_bars.index(v_slot), v_desc.block_type.nbytes, pred=keep)
     gl.thread_barrier()
-    tma.async_copy_global_to_shared(k_desc, [(j + K_STAGES) * BLOCK_N, 0], k_bars.index(k_slot), k_smem.index(k_slot),
-                                    pred=refill)
-    tma.async_copy_global_to_shared(v_desc, [j * BLOCK_N, 0], v_bars.index(v_slot), v_smem.index(v_slot), pred=keep)
+    _copy_rows(k_desc, kv_b, kv_h, (j + K_STAGES) * BLOCK_N, k_bars.index(k_slot), k_smem.index(k_slot), pred=refill)
+    _copy_rows(v_desc, kv_b, kv_h, j * BLOCK_N, v_bars.index(v_slot), v_smem.index(v_slot), pred=keep)
     return v_loads + keep.to(gl.int32)
 
 
@@ -151,8 +175,8 @@ def _accumulate(o, o_alpha, p, v_smem, v_bars, v_loads):
 
 @gluon.jit
 def _next_tile(j, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem, k_smem, v_smem, vote_smem,
-               vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off,
-               kv_len, qk_scale, log_lam2, p_layout: gl.constexpr, mma_o: gl.constexpr, VOTE: gl.constexpr,
+               vote_skip_smem, k_bars, v_bars, k_desc, v_desc, kv_b, kv_h, s_zero, row_ok, offs_m, dec_row, hi, full_hi,
+               causal_off, kv_len, qk_scale, log_lam2, p_layout: gl.constexpr, mma_o: gl.constexpr, VOTE: gl.constexpr,
                IS_CAUSAL: gl.constexpr, DEBUG: gl.constexpr, BLOCK_N: gl.constexpr):
     """One step of the key loop: finish tile j (voted, S_{j+1} in flight) and vote on tile j + 1, leaving S_{j+2}
     in flight. Tile j + 1 may be tile hi, one past the last: it does not exist, so it is not kept."""
@@ -177,7 +201,7 @@ def _next_tile(j, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem
     if not kept:  # tile j + 1 votes while S_{j+2} runs: a run of skipped tiles keeps the tensor cores busy
         s, keep, m_i, alpha = _vote(s, m_i, row_ok, offs_m, nxt * BLOCK_N, nxt >= full_hi, nxt < hi, causal_off,
                                     kv_len, qk_scale, log_lam2, vote_skip_smem, VOTE, IS_CAUSAL)
-    v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, nxt, hi, keep, v_loads, BLOCK_N)
+    v_loads = _fetch(k_desc, v_desc, kv_b, kv_h, k_smem, v_smem, k_bars, v_bars, nxt, hi, keep, v_loads, BLOCK_N)
     _await_k(k_bars, nxt + 2, hi)
     if DEBUG:
         gl.store(dec_row + nxt, keep.to(gl.int8), mask=nxt < hi)
@@ -185,10 +209,10 @@ def _next_tile(j, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem
 
 
 @gluon.jit
-def _key_tiles(q_smem, k_smem, v_smem, vote_smem, vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i,
-               row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout: gl.constexpr,
-               mma_o: gl.constexpr, VOTE: gl.constexpr, IS_CAUSAL: gl.constexpr, DEBUG: gl.constexpr,
-               BLOCK_N: gl.constexpr):
+def _key_tiles(q_smem, k_smem, v_smem, vote_smem, vote_skip_smem, k_bars, v_bars, k_desc, v_desc, kv_b, kv_h, s_zero,
+               o, m_i, l_i, row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2,
+               p_layout: gl.constexpr, mma_o: gl.constexpr, VOTE: gl.constexpr, IS_CAUSAL: gl.constexpr,
+               DEBUG: gl.constexpr, BLOCK_N: gl.constexpr):
     """Key tiles [0, hi) of one query tile (hi ≥ 1): returns (O, l, kept tiles). Every kept tile fetches its V,
     so the V count is the kept count.
 
@@ -207,19 +231,19 @@ def _key_tiles(q_smem, k_smem, v_smem, vote_smem, vote_skip_smem, k_bars, v_bars
     s_token = _queue_scores(q_smem, k_smem, s_zero, 1, hi)
     s, keep, m_i, alpha = _vote(s, m_i, row_ok, offs_m, 0, 0 >= full_hi, 0 < hi, causal_off, kv_len, qk_scale,
                                 log_lam2, vote_smem, VOTE, IS_CAUSAL)
-    v_loads = _fetch(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, 0, hi, keep, 0, BLOCK_N)
+    v_loads = _fetch(k_desc, v_desc, kv_b, kv_h, k_smem, v_smem, k_bars, v_bars, 0, hi, keep, 0, BLOCK_N)
     _await_k(k_bars, 2, hi)
     if DEBUG:
         gl.store(dec_row, keep.to(gl.int8))
     for j in range(0, hi - 1 + (hi - 1) % 2, 2):
         s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads = _next_tile(
             j, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem, k_smem, v_smem, vote_smem,
-            vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off,
-            kv_len, qk_scale, log_lam2, p_layout, mma_o, VOTE, IS_CAUSAL, DEBUG, BLOCK_N)
+            vote_skip_smem, k_bars, v_bars, k_desc, v_desc, kv_b, kv_h, s_zero, row_ok, offs_m, dec_row, hi, full_hi,
+            causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, VOTE, IS_CAUSAL, DEBUG, BLOCK_N)
         s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads = _next_tile(
             j + 1, s, s_token, keep, m_i, alpha, l_i, o, o_alpha, v_loads, q_smem, k_smem, v_smem, vote_smem,
-            vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, row_ok, offs_m, dec_row, hi, full_hi, causal_off,
-            kv_len, qk_scale, log_lam2, p_layout, mma_o, VOTE, IS_CAUSAL, DEBUG, BLOCK_N)
+            vote_skip_smem, k_bars, v_bars, k_desc, v_desc, kv_b, kv_h, s_zero, row_ok, offs_m, dec_row, hi, full_hi,
+            causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, VOTE, IS_CAUSAL, DEBUG, BLOCK_N)
     warpgroup_mma_wait(0, deps=(s_token,))  # the product queued past the last tile
     l_i = l_i * alpha
     o_alpha = o_alpha * gl.convert_layout(alpha, gl.SliceLayout(1, mma_o))
@@ -234,18 +258,15 @@ def _key_tiles(q_smem, k_smem, v_smem, vote_smem, vote_skip_smem, k_bars, v_bars
 
 @gluon.jit
 def gluon_prefill_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, state_ptr, stats_ptr, dec_ptr,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
+    q_desc, k_desc, v_desc, o_desc, state_ptr, stats_ptr, dec_ptr,
     stride_db, stride_dh, stride_di,
     num_heads, group, q_len, kv_len, scale, phase, stats_cols,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
     COUNT: gl.constexpr, DEBUG: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """Grid (cdiv(Lq, BLOCK_M), B·Hq), heaviest causal query tiles first; 8 warps (two warpgroups)."""
-    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    """Grid (cdiv(Lq, BLOCK_M), B·Hq), heaviest causal query tiles first; 8 warps (two warpgroups). Q, K and V
+    come through the host's 4-D descriptors (``io_args``): built once per call, not per program."""
+    dtype: gl.constexpr = o_desc.dtype
     # -- layouts: S and O are wgmma accumulators (16-row instructions, warps stacked along M); P feeds the
     #    second wgmma from registers --
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -259,18 +280,10 @@ def gluon_prefill_kernel(
 
     tile_m = gl.num_programs(0) - 1 - gl.program_id(0)
     bh = gl.program_id(1)
-    b = (bh // num_heads).to(gl.int64)  # 64-bit offsets: B·H·L·D passes 2^31 at long context
-    h = (bh % num_heads).to(gl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
     h_kv = h // group  # GQA: never a repeat of K/V
     first_row = tile_m * BLOCK_M
-
-    # -- per-(batch, head) tensor descriptors: rows past Lq / Lk read as zeros --
-    q_desc = tma.make_tensor_descriptor(q_ptr + b * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
-                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
-    k_desc = tma.make_tensor_descriptor(k_ptr + b * stride_kb + h_kv * stride_kh, shape=[kv_len, HEAD_DIM],
-                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
-    v_desc = tma.make_tensor_descriptor(v_ptr + b * stride_vb + h_kv * stride_vh, shape=[kv_len, HEAD_DIM],
-                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [V_BUFFERS, BLOCK_N, HEAD_DIM], kv_layout)
@@ -300,10 +313,10 @@ def gluon_prefill_kernel(
     full_hi = gl.minimum(full_hi, kv_len // BLOCK_N)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [first_row, 0], q_bar, q_smem)
+    _copy_rows(q_desc, b, h, first_row, q_bar, q_smem)
     for i in gl.static_range(K_STAGES):
         mbarrier.expect(k_bars.index(i), k_desc.block_type.nbytes, pred=i < hi)
-        tma.async_copy_global_to_shared(k_desc, [i * BLOCK_N, 0], k_bars.index(i), k_smem.index(i), pred=i < hi)
+        _copy_rows(k_desc, b, h_kv, i * BLOCK_N, k_bars.index(i), k_smem.index(i), pred=i < hi)
 
     log_lam2 = log2_threshold(state_ptr, phase, kv_len)  # read at run time: λ never recompiles
     qk_scale = scale.to(gl.float32) * 1.4426950408889634  # scores in exp2 space
@@ -316,17 +329,17 @@ def gluon_prefill_kernel(
     n_kept = 0
     mbarrier.wait(q_bar, 0)
     if hi > 0:  # two compiled loops, picked at run time: the vote's reduction is only paid for when it decides
-        dec_row = dec_ptr + b * stride_db + h * stride_dh + tile_m * stride_di
+        dec_row = dec_ptr + b.to(gl.int64) * stride_db + h.to(gl.int64) * stride_dh + tile_m * stride_di
         if COUNT or DEBUG or (log_lam2 > float("-inf")):
             o, l_i, n_kept = _key_tiles(
-                q_smem, k_smem, v_smem, vote_smem, vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i,
-                row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, True,
-                IS_CAUSAL, DEBUG, BLOCK_N)
+                q_smem, k_smem, v_smem, vote_smem, vote_skip_smem, k_bars, v_bars, k_desc, v_desc, b, h_kv, s_zero, o,
+                m_i, l_i, row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o,
+                True, IS_CAUSAL, DEBUG, BLOCK_N)
         else:  # λ = 0, nothing to count: every visited tile holds a key its last row sees, so it is kept
             o, l_i, n_kept = _key_tiles(
-                q_smem, k_smem, v_smem, vote_smem, vote_skip_smem, k_bars, v_bars, k_desc, v_desc, s_zero, o, m_i, l_i,
-                row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o, False,
-                IS_CAUSAL, DEBUG, BLOCK_N)
+                q_smem, k_smem, v_smem, vote_smem, vote_skip_smem, k_bars, v_bars, k_desc, v_desc, b, h_kv, s_zero, o,
+                m_i, l_i, row_ok, offs_m, dec_row, hi, full_hi, causal_off, kv_len, qk_scale, log_lam2, p_layout, mma_o,
+                False, IS_CAUSAL, DEBUG, BLOCK_N)
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(K_STAGES):
@@ -338,10 +351,11 @@ def gluon_prefill_kernel(
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, mma_o))
     out = o / gl.where(l_o > 0, l_o, 1.0)[:, None]
     out = gl.where((l_o > 0)[:, None], out, 0.0)
-    offs_mo = first_row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_o))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma_o))
-    gl.store(out_ptr + b * stride_ob + h * stride_oh + offs_mo[:, None].to(gl.int64) * stride_om + offs_d[None, :],
-             out.to(dtype), mask=(offs_mo < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :])
+    q_smem.store(out.to(dtype))  # Q's buffer is free: the last product is done
+    fence_async_shared()
+    o_box = q_smem._reinterpret(dtype, o_desc.block_type.shape, o_desc.layout)
+    tma.async_copy_shared_to_global(o_desc, [b, h, first_row, 0], o_box)  # rows past Lq are not written
+    tma.store_wait(0)
     if COUNT:
         stats_row = stats_ptr + phase * stats_cols
         gl.atomic_add(stats_row, hi.to(gl.int64))  # every visited tile is valid (see _vote)

@@ -28,17 +28,18 @@ GLUON_TRITON = "3.6."  # the Triton release the Gluon kernel was built and teste
 
 
 def _gluon_kernel():
-    """The Hopper prefill kernel in Gluon, on the Triton release it was tested with; None elsewhere, and the
+    """The Hopper prefill kernel in Gluon and its arguments' builder (``io_args``), on the Triton release it was
+    tested with; None elsewhere, and the
     Triton kernel runs everything. Gluon's API is experimental and moves between releases (3.9 renamed its TMA
     copies), so an untested release must not meet it at compile time in a user's forward pass."""
     if not triton.__version__.startswith(GLUON_TRITON):
-        return None
-    from .gluon_prefill import gluon_prefill_kernel
+        return None, None
+    from .gluon_prefill import gluon_prefill_kernel, io_args
 
-    return gluon_prefill_kernel
+    return gluon_prefill_kernel, io_args
 
 
-gluon_prefill_kernel = _gluon_kernel()
+gluon_prefill_kernel, gluon_io_args = _gluon_kernel()
 
 MIN_BLOCK = TRITON_TILES[0]  # tl.dot needs at least 16 rows / columns / reduction depth
 NUM_SMS_FALLBACK = 132
@@ -249,7 +250,10 @@ def _gluon_ok(q, k, v, block_m: int, block_n: int) -> bool:
         return False
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    return _tma_ok(q, k, v)  # Q comes through a tensor descriptor too
+    # Q, K and V come through the host's 4-D TMA descriptors: 16-byte aligned bases and strides, rows contiguous
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+               and all(stride > 0 and stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
+               for t in (q, k, v))
 
 
 def _launch_gluon_prefill(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats,
@@ -261,12 +265,7 @@ def _launch_gluon_prefill(q, k, v, out, is_causal, scale, block_m, block_n, stat
     dec = decisions_out if decisions_out is not None else dummy
     d_strides = [dec.stride(d) for d in range(3)] if decisions_out is not None else [0, 0, 0]
     gluon_prefill_kernel[(triton.cdiv(query_len, block_m), batch * num_heads)](
-        q, k, v, out, state, stats if stats is not None else dummy, dec,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        *d_strides,
+        *gluon_io_args(q, k, v, out, block_m, block_n), state, stats if stats is not None else dummy, dec, *d_strides,
         num_heads, num_heads // num_kv_heads, query_len, kv_len, float(scale), phase, stats_cols,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(is_causal),
         COUNT=count_mode == 1, DEBUG=decisions_out is not None, num_warps=8,
