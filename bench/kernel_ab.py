@@ -8,7 +8,8 @@ loaded beside the working tree's. The kernels compared with it are the working t
 (revisions or files, each called by its file's stem). The device machine gets the working tree without ``.git``:
 save the base there first (``git show 3e2595b:fxsparse/ops/gluon_prefill.py > base_kernel.py``, an untracked file
 travels) and pass ``--base base_kernel.py``. Kernel changes move times by a few percent, about the run-to-run spread
-of a full bench, so they are compared here in one session on the same inputs. One JSON line per case.
+of a full bench, so they are compared here in one session on the same inputs, timed as the full bench times
+them. One JSON line per case.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
-from fxsparse.ops import triton_attention
+from fxsparse.ops import skip_softmax_attention, triton_attention
 from fxsparse.ops.threshold import make_threshold_state, phase_of
 
 KERNEL_PATH = "fxsparse/ops/gluon_prefill.py"
@@ -119,23 +119,22 @@ def check(kernels):
 
 
 def bench(kernels):
-    """bench/test_prefill.py's case (its shape, inputs and λ per target); cuDNN SDPA (GQA expanded), the yardstick."""
+    """bench/test_prefill.py's case (its shape, inputs and λ per target) and its timing (``cuda_ms``, through the
+    public op); cuDNN SDPA (GQA expanded), the yardstick."""
+    from bench.conftest import cuda_ms
     from bench.test_prefill import HKV, HQ, TARGETS, _case
 
     for seq_len in (8192, 16384, 32768):
         q, k, v, lambdas = _case(seq_len)
         k_full, v_full = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            cudnn = do_bench(lambda: F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True), warmup=25,
-                             rep=100, return_mode="median")
+            cudnn = cuda_ms(lambda: F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True))
         for target, lam in [(0.0, 0.0)] + [(TARGETS[name], lam) for name, (lam, _) in lambdas.items()]:
             row = dict(L=seq_len, target=target, lam=lam, cudnn_ms=round(cudnn, 4))
             for name in list(kernels) * 2:
                 use(kernels[name])
                 state = make_threshold_state(lam, device="cuda")
-                ms = do_bench(lambda: triton_attention.skip_softmax_attention(q, k, v, None, True, q.shape[-1] ** -0.5,
-                                                                              state, 128, 128),
-                              warmup=10, rep=60, return_mode="median")
+                ms = cuda_ms(lambda: skip_softmax_attention(q, k, v, is_causal=True, threshold=state, backend="triton"))
                 row.setdefault(f"{name}_ms", []).append(round(ms, 4))
             row.update({f"{name}_x_cudnn": round(cudnn / min(row[f"{name}_ms"]), 3) for name in kernels})
             print(json.dumps(row), flush=True)
