@@ -310,7 +310,7 @@ def test_gpu_prefill_head_dims(dtype, d):
 @pytest.mark.parametrize("d", [64, 128])
 def test_gpu_prefill_kernels_skip_and_keep(kernel, dtype, d, monkeypatch):
     """Both Hopper prefill kernels (Gluon, Triton) from no skip to most tiles skipped: ragged lengths, GQA,
-    Lq < Lk and Lq > Lk (rows that see nothing), causal and not, stats on."""
+    Lq < Lk and Lq > Lk (rows that see nothing), causal and not, HF's (B, L, H, D) memory layout, stats on."""
     if kernel == "gluon" and (triton_attention.gluon_prefill_kernel is None
                               or torch.cuda.get_device_capability() != (9, 0)):
         pytest.skip(f"the Gluon prefill kernel runs on Hopper (sm_90) with Triton {triton_attention.GLUON_TRITON}x")
@@ -324,7 +324,9 @@ def test_gpu_prefill_kernels_skip_and_keep(kernel, dtype, d, monkeypatch):
     compare(q[:, :, 700:1900], k, v, lam=0.3, causal=True, br=128, bc=128, rtol=1e-2)  # Lq < Lk, bottom-right
     compare(q, k[:, :, :1000], v[:, :, :1000], lam=0.3, causal=True, br=128, bc=128, rtol=1e-2)  # Lq > Lk
     compare(q[:, :, :1000], k[:, :, :1999], v[:, :, :1999], lam=0.1, causal=False, br=128, bc=128, rtol=1e-2)
-    assert len(launches) == (7 if kernel == "gluon" else 0)
+    hf = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]  # HF's (B, L, H, D) memory, seen as BHLD
+    compare(*hf, lam=0.5, causal=True, br=128, bc=128, rtol=1e-2)
+    assert len(launches) == (8 if kernel == "gluon" else 0)
 
 
 @pytest.mark.gpu
