@@ -34,8 +34,8 @@ KERNEL_PATH = "fxsparse/ops/gluon_prefill.py"
 
 
 def kernel_at(where: str, name: str):
-    """The Gluon prefill kernel of ``where`` (a kernel file, or a git revision), as a module beside the current one
-    (its relative imports hold), with the launcher it takes."""
+    """The launcher of the Gluon prefill kernel of ``where`` (a kernel file, or a git revision), loaded as a module
+    beside the current one (its relative imports hold)."""
     if os.path.isfile(where):
         path = where
     else:
@@ -47,17 +47,16 @@ def kernel_at(where: str, name: str):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    if hasattr(module, "launch"):
+        return module.launch
     if hasattr(module, "io_args"):
-        return module.gluon_prefill_kernel, module.io_args, LAUNCH
-    return module.gluon_prefill_kernel, None, launch_with_pointers(module.gluon_prefill_kernel)
-
-
-LAUNCH = triton_attention._launch_gluon_prefill
+        sys.exit(f"{where}: the kernels of 70703b5..3a78010 have no launch(); compare against a later revision")
+    return launch_with_pointers(module.gluon_prefill_kernel)
 
 
 def launch_with_pointers(kernel):
-    """The launcher of the kernels without ``io_args`` (before 2026-12-03's host descriptors): they take
-    Q, K and V as pointers and strides and build their TMA descriptors in the kernel, in scratch memory."""
+    """The launcher of the kernels before 70703b5, which have none of their own: they take Q, K and V as pointers
+    and strides and build their TMA descriptors in the kernel, in scratch memory."""
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
     def launch(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats,
@@ -75,10 +74,9 @@ def launch_with_pointers(kernel):
     return launch
 
 
-def use(kernel):
-    """Route the op's Gluon prefill through ``kernel`` (a (kernel, arguments' builder, launcher) of ``kernel_at``)."""
-    (triton_attention.gluon_prefill_kernel, triton_attention.gluon_io_args,
-     triton_attention._launch_gluon_prefill) = kernel
+def use(launch):
+    """Route the op's Gluon prefill through ``launch`` (one of ``kernel_at``)."""
+    triton_attention.gluon_prefill_launch = launch
 
 
 def run(kernel, q, k, v, lam, causal, record=False):
@@ -147,14 +145,14 @@ def main():
     parser.add_argument("--variants", nargs="*", default=[],
                         help="kernels compared with it (revisions or files); default: the working tree's")
     args = parser.parse_args()
-    if triton_attention.gluon_prefill_kernel is None or not torch.cuda.is_available():
+    if triton_attention.gluon_prefill_launch is None or not torch.cuda.is_available():
         sys.exit("the Gluon prefill kernel needs a Hopper GPU and Triton 3.6")
     kernels = {"base": kernel_at(args.base, "base")}
     for where in args.variants:
         name = os.path.splitext(os.path.basename(where))[0]
         kernels[name] = kernel_at(where, name)
     if not args.variants:
-        kernels["new"] = triton_attention.gluon_prefill_kernel, triton_attention.gluon_io_args, LAUNCH
+        kernels["new"] = triton_attention.gluon_prefill_launch
     (check if args.mode == "check" else bench)(kernels)
 
 

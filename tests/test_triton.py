@@ -311,12 +311,12 @@ def test_gpu_prefill_head_dims(dtype, d):
 def test_gpu_prefill_kernels_skip_and_keep(kernel, dtype, d, monkeypatch):
     """Both Hopper prefill kernels (Gluon, Triton) from no skip to most tiles skipped: ragged lengths, GQA,
     Lq < Lk and Lq > Lk (rows that see nothing), causal and not, HF's (B, L, H, D) memory layout, stats on."""
-    if kernel == "gluon" and (triton_attention.gluon_prefill_kernel is None
+    if kernel == "gluon" and (triton_attention.gluon_prefill_launch is None
                               or torch.cuda.get_device_capability() != (9, 0)):
         pytest.skip(f"the Gluon prefill kernel runs on Hopper (sm_90) with Triton {triton_attention.GLUON_TRITON}x")
     monkeypatch.setitem(triton_attention.PREFILL_OVERRIDES, "gluon", kernel == "gluon")
-    launches, launch = [], triton_attention._launch_gluon_prefill
-    monkeypatch.setattr(triton_attention, "_launch_gluon_prefill", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    launches, launch = [], triton_attention.gluon_prefill_launch
+    monkeypatch.setattr(triton_attention, "gluon_prefill_launch", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
     q, k, v = _inputs(2, 8, 2, 2500, 2500, d, torch.float32, seed=d)
     q, k, v = (q * 2.5).to(dtype), k.to(dtype), v.to(dtype)  # peaked scores: gaps of several nats between tiles
     for lam in (0.0, 0.05, 0.5, 3.0):

@@ -22,7 +22,7 @@ the product in flight trade registers instead of copying S. The vote itself take
 (``_block_max``) and a tree for each row's max (``_row_max``). The loop is compiled twice, picked at run time
 from λ: at λ = 0 (and not counting) the vote's block-wide reduction is left out and every visited tile is kept.
 K comes through a ring of TMA buffers, V into two alternating buffers, all copies through the host's 4-D
-descriptors (``io_args``); O leaves through Q's buffer by one TMA store. One program owns query tile i (BLOCK_M =
+descriptors (``launch``); O leaves through Q's buffer by one TMA store. One program owns query tile i (BLOCK_M =
 br rows, two warpgroups of 64 rows) of one (batch, query head); λ, the skip rule, the masks it handles (causal,
 lengths) and the statistics are those of ``triton_prefill.py`` (SPEC §4). Explicit masks, the measuring
 mode's trial grid, fp32 and other head dims or tile shapes stay on the Triton kernel (``triton_attention._gluon_ok``).
@@ -48,18 +48,31 @@ K_STAGES = gl.constexpr(4)  # K tiles in flight: a run of skipped tiles takes on
 V_BUFFERS = gl.constexpr(2)  # V of the i-th kept tile sits in buffer i % V_BUFFERS
 
 
-def io_args(q, k, v, out, block_m: int, block_n: int):
-    """The kernel's leading arguments, where Q, K, V come from and O goes: the host's TMA descriptors of Q, K and
-    V, [B, H, L, D] as they are (any strides TMA takes), one box = one (batch, head)'s block_m or block_n rows,
-    and O's (written through Q's buffer). Built once per call: a descriptor built in the kernel costs every program
-    a global write and two proxy fences before its first load."""
+def launch(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats, decisions_out):
+    """Run the kernel on (B, Hq, Lq, D) q and (B, Hkv, Lk, D) k, v into out; ``triton_attention`` checks the case.
+
+    Q, K, V and O go through the host's TMA descriptors, [B, H, L, D] as they are (any strides TMA takes), one
+    box = one (batch, head)'s block_m or block_n rows. Built once per call: a descriptor built in the kernel costs
+    every program a global write and two proxy fences before its first load."""
+    from .threshold import phase_of
+
     dtype = getattr(gl, str(q.dtype).removeprefix("torch."))  # float16 or bfloat16
 
     def descriptor(t, rows):
         box = [1, 1, rows, t.shape[-1]]
         return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dtype))
 
-    return descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), descriptor(out, block_m)
+    batch, num_heads, query_len, head_dim = q.shape
+    dummy = q.new_empty(1)
+    dec = decisions_out if decisions_out is not None else dummy
+    gluon_prefill_kernel[(-(-query_len // block_m), batch * num_heads)](
+        descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), descriptor(out, block_m),
+        state, stats if stats is not None else dummy, dec,
+        *(dec.stride()[:3] if decisions_out is not None else (0, 0, 0)),
+        num_heads, num_heads // k.shape[1], query_len, k.shape[2], float(scale), phase_of(query_len), stats_cols,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(is_causal),
+        COUNT=count_mode == 1, DEBUG=decisions_out is not None, num_warps=8,
+    )
 
 
 @gluon.jit
@@ -265,7 +278,7 @@ def gluon_prefill_kernel(
     COUNT: gl.constexpr, DEBUG: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Grid (cdiv(Lq, BLOCK_M), B·Hq), heaviest causal query tiles first; 8 warps (two warpgroups). Q, K and V
-    come through the host's 4-D descriptors (``io_args``): built once per call, not per program."""
+    come through the host's 4-D descriptors (``launch``): built once per call, not per program."""
     dtype: gl.constexpr = o_desc.dtype
     # -- layouts: S and O are wgmma accumulators (16-row instructions, warps stacked along M); P feeds the
     #    second wgmma from registers --

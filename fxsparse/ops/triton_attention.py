@@ -27,19 +27,19 @@ from .triton_prefill import prefill_kernel
 GLUON_TRITON = "3.6."  # the Triton release the Gluon kernel was built and tested with (on an H200)
 
 
-def _gluon_kernel():
-    """The Hopper prefill kernel in Gluon and its arguments' builder (``io_args``), on the Triton release it was
-    tested with; None elsewhere, and the
-    Triton kernel runs everything. Gluon's API is experimental and moves between releases (3.9 renamed its TMA
-    copies), so an untested release must not meet it at compile time in a user's forward pass."""
+def _gluon_launcher():
+    """The launcher of the Hopper prefill kernel in Gluon (``gluon_prefill.launch``), on the Triton release it was
+    tested with; None elsewhere, and the Triton kernel runs everything. Gluon's API is experimental and moves
+    between releases (3.9 renamed its TMA copies), so an untested release must not meet it at compile time in a
+    user's forward pass."""
     if not triton.__version__.startswith(GLUON_TRITON):
-        return None, None
-    from .gluon_prefill import gluon_prefill_kernel, io_args
+        return None
+    from .gluon_prefill import launch
 
-    return gluon_prefill_kernel, io_args
+    return launch
 
 
-gluon_prefill_kernel, gluon_io_args = _gluon_kernel()
+gluon_prefill_launch = _gluon_launcher()
 
 MIN_BLOCK = TRITON_TILES[0]  # tl.dot needs at least 16 rows / columns / reduction depth
 NUM_SMS_FALLBACK = 132
@@ -199,8 +199,8 @@ def _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, *, state,
     block_m = br if query_len > br else _pow2(query_len)  # a short query tile still holds every row of tile 0
     block_n = bc
     if attn_mask is None and count_mode != 2 and _gluon_ok(q, k, v, block_m, block_n):
-        _launch_gluon_prefill(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats,
-                              decisions_out)
+        gluon_prefill_launch(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats,
+                             decisions_out)
         return
     d_pad, dv_pad = _pow2(head_dim), _pow2(value_dim)
     num_warps, num_stages = prefill_config(max(d_pad, dv_pad), block_m, block_n)
@@ -242,7 +242,7 @@ def _launch_prefill(q, k, v, out, attn_mask, is_causal, scale, br, bc, *, state,
 
 def _gluon_ok(q, k, v, block_m: int, block_n: int) -> bool:
     """The Gluon kernel's case: Hopper, 16-bit, D = Dv in {64, 128}, 128×128 tiles, TMA-able tensors."""
-    if not PREFILL_OVERRIDES.get("gluon", True) or gluon_prefill_kernel is None or q.device.type != "cuda":
+    if not PREFILL_OVERRIDES.get("gluon", True) or gluon_prefill_launch is None or q.device.type != "cuda":
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or (block_m, block_n) != (128, 128):
         return False
@@ -254,22 +254,6 @@ def _gluon_ok(q, k, v, block_m: int, block_n: int) -> bool:
     return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
                and all(stride > 0 and stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
                for t in (q, k, v))
-
-
-def _launch_gluon_prefill(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, stats_cols, stats,
-                          decisions_out):
-    batch, num_heads, query_len, head_dim = q.shape
-    num_kv_heads, kv_len = k.shape[1], k.shape[2]
-    phase = phase_of(query_len)
-    dummy = q.new_empty(1)
-    dec = decisions_out if decisions_out is not None else dummy
-    d_strides = [dec.stride(d) for d in range(3)] if decisions_out is not None else [0, 0, 0]
-    gluon_prefill_kernel[(triton.cdiv(query_len, block_m), batch * num_heads)](
-        *gluon_io_args(q, k, v, out, block_m, block_n), state, stats if stats is not None else dummy, dec, *d_strides,
-        num_heads, num_heads // num_kv_heads, query_len, kv_len, float(scale), phase, stats_cols,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=bool(is_causal),
-        COUNT=count_mode == 1, DEBUG=decisions_out is not None, num_warps=8,
-    )
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
