@@ -28,7 +28,8 @@ POINTERS = dict(
     keep_heads_ptr="*i32", kept_ptr="*i32",
 )
 FLOATS = {"scale", "mask_min"}
-DESCRIPTORS = {"q_desc": "BLOCK_M", "k_desc": "BLOCK_N", "v_desc": "BLOCK_N", "o_desc": "BLOCK_M"}  # host TMA descriptors: rows per box
+# the Gluon kernel's host TMA descriptors, and the constexpr giving each one's rows per box
+DESCRIPTORS = {"q_desc": "BLOCK_M", "k_desc": "BLOCK_N", "v_desc": "BLOCK_N", "o_desc": "BLOCK_M"}
 
 
 def descriptor_type(name, constexprs):

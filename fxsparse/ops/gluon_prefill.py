@@ -39,7 +39,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .triton_prefill import log2_threshold
@@ -54,7 +53,7 @@ def launch(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, 
     Q, K, V and O go through the host's TMA descriptors, [B, H, L, D] as they are (any strides TMA takes), one
     box = one (batch, head)'s block_m or block_n rows. Built once per call: a descriptor built in the kernel costs
     every program a global write and two proxy fences before its first load."""
-    from .threshold import phase_of
+    from .threshold import phase_of  # here, not at the top: bench/aot_compile.py loads this file without torch
 
     dtype = getattr(gl, str(q.dtype).removeprefix("torch."))  # float16 or bfloat16
 
