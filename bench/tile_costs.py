@@ -11,12 +11,17 @@ Times are per tile per SM (time × SMs / tiles). ``qk_floor_us`` is one 128×128
 bf16 rate (4096 FLOP per clock per SM) at the SM clock read during the all-skipped runs: the least a skipped tile can cost.
 
     PYTHONPATH=. python bench/tile_costs.py --lengths 16384,32768 --out results.json
+    PYTHONPATH=. python bench/tile_costs.py --kernels fxsparse/ops/gluon_prefill.py variant.py   # Gluon kernel files
+
+``--kernels`` routes the op's Gluon prefill through each kernel file's own launcher in turn (as
+``bench/kernel_ab.py`` does), so a variant's tile costs sit beside the merged kernel's, in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -28,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.conftest import cuda_ms
 from bench.inputs import structured_qkv
+from bench.kernel_ab import kernel_at, use
 from fxsparse.ops import skip_softmax_attention
 from fxsparse.ops.threshold import make_threshold_state
 
@@ -83,35 +89,40 @@ def clock_during(fn, calls: int = 200) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="16384,32768")
+    parser.add_argument("--kernels", nargs="*", default=[], help="Gluon prefill kernel files (default: the op's own)")
     parser.add_argument("--out")
     args = parser.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in args.kernels]
+    kernels = {stem: kernel_at(f, stem) for stem, f in zip(stems, args.kernels)} or {"op": None}
     rows = []
     for seq_len in (int(x) for x in args.lengths.split(",")):
         q, k, v = structured_qkv(1, HQ, HKV, seq_len, D, concentration=1.3, device="cuda")
         kg, vg = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             cudnn_ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, kg, vg, is_causal=True))
-        dense_ms, tiles, _ = run_at(q, k, v, 0.0)
-        kept_ms, _, none_skipped = run_at(q, k, v, 1e-30)
-        skip_ms, _, skipped = run_at(q, k, v, 1e30)
-        state = make_threshold_state(1e30, device="cuda")
-        clock_mhz = clock_during(lambda: skip_softmax_attention(q, k, v, is_causal=True, threshold=state,
-                                                                backend="triton"))
-        per_tile_us = 1e3 * sms / tiles  # ms of the whole grid → µs per tile on one SM
-        c_k = kept_ms * per_tile_us
-        c_s = (skip_ms * per_tile_us * tiles - c_k * (tiles - skipped)) / skipped
-        qk_floor_us = 2 * BLOCK * BLOCK * D / FLOPS_PER_CLOCK / clock_mhz
         k_only_ms, kv_ms = stream_ms(k, v, HQ, False), stream_ms(k, v, HQ, True)
-        row = dict(L=seq_len, tiles=tiles, skipped_at_1e30=skipped, skipped_at_1e_30=none_skipped,
-                   cudnn_ms=cudnn_ms, dense_ms=dense_ms, all_kept_ms=kept_ms, all_skipped_ms=skip_ms,
-                   dense_tile_us=dense_ms * per_tile_us, kept_tile_us=c_k, skipped_tile_us=c_s,
-                   qk_floor_us=qk_floor_us, sm_clock_mhz=clock_mhz,
-                   k_stream_ms=k_only_ms, k_stream_tile_us=k_only_ms * per_tile_us,
-                   k_stream_tb_s=tiles * BLOCK * D * 2 / k_only_ms / 1e9,
-                   kv_stream_ms=kv_ms, kv_stream_tile_us=kv_ms * per_tile_us)
-        rows.append(row)
-        print(json.dumps({key: round(val, 4) if isinstance(val, float) else val for key, val in row.items()}))
+        for name, launch in kernels.items():
+            if launch is not None:
+                use(launch)
+            dense_ms, tiles, _ = run_at(q, k, v, 0.0)
+            kept_ms, _, none_skipped = run_at(q, k, v, 1e-30)
+            skip_ms, _, skipped = run_at(q, k, v, 1e30)
+            state = make_threshold_state(1e30, device="cuda")
+            clock_mhz = clock_during(lambda: skip_softmax_attention(q, k, v, is_causal=True, threshold=state,
+                                                                    backend="triton"))
+            per_tile_us = 1e3 * sms / tiles  # ms of the whole grid → µs per tile on one SM
+            c_k = kept_ms * per_tile_us
+            c_s = (skip_ms * per_tile_us * tiles - c_k * (tiles - skipped)) / skipped
+            row = dict(kernel=name, L=seq_len, tiles=tiles, skipped_at_1e30=skipped, skipped_at_1e_30=none_skipped,
+                       cudnn_ms=cudnn_ms, dense_ms=dense_ms, all_kept_ms=kept_ms, all_skipped_ms=skip_ms,
+                       dense_tile_us=dense_ms * per_tile_us, kept_tile_us=c_k, skipped_tile_us=c_s,
+                       qk_floor_us=2 * BLOCK * BLOCK * D / FLOPS_PER_CLOCK / clock_mhz, sm_clock_mhz=clock_mhz,
+                       k_stream_ms=k_only_ms, k_stream_tile_us=k_only_ms * per_tile_us,
+                       k_stream_tb_s=tiles * BLOCK * D * 2 / k_only_ms / 1e9,
+                       kv_stream_ms=kv_ms, kv_stream_tile_us=kv_ms * per_tile_us)
+            rows.append(row)
+            print(json.dumps({key: round(val, 4) if isinstance(val, float) else val for key, val in row.items()}))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
