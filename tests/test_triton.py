@@ -289,6 +289,20 @@ def test_unsupported_inputs_fail_clearly():
         triton_attention.skip_softmax_attention(q.double(), k.double(), v.double(), None, False, 0.25, state, 16, 16)
 
 
+@here
+def test_tma_alignment_covers_every_stride_above_the_last():
+    """Both prefill kernels' TMA descriptors start at base + b·stride_b + h·stride_h, so a misaligned batch or head
+    stride rules TMA out just as a misaligned base or row stride does."""
+    shape = (2, 4, 8, 64)
+    storage = torch.zeros(2 * 4 * 8 * 64 * 2, dtype=torch.bfloat16, device=DEVICE)
+    t = storage[: 2 * 4 * 8 * 64].view(shape)
+    assert triton_attention._tma_aligned(t)
+    assert triton_attention._tma_aligned(t.transpose(1, 2).contiguous().transpose(1, 2))  # HF's (B, L, H, D) memory
+    head_stride = 8 * 64 + 4  # 1032 bytes
+    assert not triton_attention._tma_aligned(storage.as_strided(shape, (4 * head_stride, head_stride, 64, 1)))
+    assert not triton_attention._tma_aligned(storage[1:].as_strided(shape, t.stride()))  # base 2 bytes off
+
+
 # -- GPU: the real kernels in bf16/fp16 at moderate sizes --
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 

@@ -250,21 +250,24 @@ def _gluon_ok(q, k, v, block_m: int, block_n: int) -> bool:
         return False
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    # Q, K and V come through the host's 4-D TMA descriptors: 16-byte aligned bases and strides, rows contiguous
-    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-               and all(stride > 0 and stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
-               for t in (q, k, v))
+    return all(_tma_aligned(t) and min(t.stride()[:-1]) > 0 for t in (q, k, v))  # the host's 4-D descriptors
+
+
+def _tma_aligned(t: torch.Tensor) -> bool:
+    """What a TMA descriptor over ``t``'s rows needs, whether the host builds it over all of ``t`` or a kernel builds
+    one per (batch, head) at ``base + b·stride_b + h·stride_h``: a 16-byte aligned base and every stride above the
+    last in 16-byte multiples (the last is 1: ``skip_softmax_attention`` makes rows contiguous)."""
+    return t.data_ptr() % 16 == 0 and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """Bulk tensor copies of ``tensors`` need Hopper, 16-byte aligned bases and row strides, and a scratch
-    allocator (for the descriptors the kernels build)."""
+    """Bulk tensor copies of ``tensors`` need Hopper, ``_tma_aligned`` tensors, and a scratch allocator (for the
+    descriptors the kernels build)."""
     device = tensors[0].device
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return False
-    for t in tensors:
-        if t.data_ptr() % 16 or (t.stride(2) * t.element_size()) % 16:
-            return False
+    if not all(_tma_aligned(t) for t in tensors):
+        return False
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
     return True
 
