@@ -18,8 +18,9 @@ So a run of skipped tiles keeps the tensor cores on back-to-back QKᵀ products,
 next kept tile (a skipped tile moves the running max only when λ > 1). Between one product's wait and the
 next one's queueing nothing else runs: K is awaited a step ahead (Triton's CTA barrier before an mbarrier
 wait then falls while a product runs), and the loop takes two steps a turn, so that the scores voted on and
-the product in flight trade registers instead of copying S. The vote itself takes one CTA barrier
-(``_block_max``) and a tree for each row's max (``_row_max``). The loop is compiled twice, picked at run time
+the product in flight trade registers instead of copying S. The vote itself takes one warp vote and one
+CTA barrier (``_any_at_least``) over each thread's own maxima (``_quad_row_max``); the row maxima the next P needs
+are two shuffle rounds off the vote's path. The loop is compiled twice, picked at run time
 from λ: at λ = 0 (and not counting) the vote's block-wide reduction is left out and every visited tile is kept.
 K comes through a ring of TMA buffers, V into two alternating buffers, all copies through the host's 4-D
 descriptors (``launch``); O leaves through Q's buffer by one TMA store. One program owns query tile i (BLOCK_M =
@@ -75,26 +76,35 @@ def launch(q, k, v, out, is_causal, scale, block_m, block_n, state, count_mode, 
 
 
 @gluon.jit
-def _block_max(rows, vote_smem):
-    """The max of a per-row vector whose rows are stacked by warp (the wgmma layout): each warp's own by shuffles
-    (the reshape to [warps, rows per warp] moves no data), then the warps' through shared memory, each thread
-    reading all of them. One CTA barrier and one shuffle round, where a block-wide ``gl.max`` takes two of
-    each."""
-    num_warps: gl.constexpr = vote_smem.shape[0]
-    vote_smem.store(gl.max(gl.reshape(rows, [num_warps, rows.shape[0] // num_warps]), axis=1))
-    gl.thread_barrier()
-    return gl.max(vote_smem.load(gl.BlockedLayout([num_warps], [32], [num_warps], [0])), axis=0)
+def _quad_row_max(s):
+    """Each thread's max over its own columns of each of its rows: an [M, 4] tensor whose column is the thread's
+    lane in its quad, so a row's max is the max over the quad, two shuffle rounds away. In the wgmma layout column
+    bit 0 and bits 3 and up are a thread's registers, bits 1-2 its lane in the quad. The halvings along the
+    register bits are a tree: a plain reduction runs one serial chain of 31 FMNMX per row (Nsight Compute, H200)."""
+    x = gl.reshape(s, [s.shape[0], 2, 2, 2, 2, s.shape[1] // 32, 2])
+    return gl.max(gl.max(gl.max(gl.max(gl.max(x, axis=6), axis=1), axis=1), axis=1), axis=1)
 
 
 @gluon.jit
-def _row_max(s):
-    """max(s, axis=1), each thread's 32 columns of a row taken as a tree. A plain reduction runs one serial chain
-    of 31 FMNMX per row, the largest share of a skipped tile's warp-stall samples (Nsight Compute, H200). In the
-    wgmma layout, column bits 3 and up are a thread's registers: halving along them four times (independent
-    maxima), then a plain reduction over the last 8 columns (two in-thread, four lanes)."""
-    x = gl.reshape(s, [s.shape[0], 2, 2, 2, 2, s.shape[1] // 16])
-    x = gl.max(gl.max(gl.max(gl.max(x, axis=1), axis=1), axis=1), axis=1)
-    return gl.convert_layout(gl.max(x, axis=1), gl.SliceLayout(1, s.type.layout))  # the same layout: no data moves
+def _any_at_least(gap, threshold, vote_smem):
+    """Whether any element of ``gap`` (an [M, 4] tensor of ``_quad_row_max``'s layout: two elements a thread, a
+    warp's 16 rows in its 32 lanes) is >= ``threshold``, CTA-wide. Each thread tests its two, its warp ORs them in one
+    ``vote.any`` (inline PTX: Gluon has no warp vote), the warps' answers meet in shared memory behind one CTA
+    barrier. The vote needs only whether some row clears λ, not the largest gap, so no shuffle is on its path: the
+    five rounds of a max over the quad and the warp cost a skipped tile 5 % (H200, ``bench/tile_costs.py``)."""
+    num_warps: gl.constexpr = gap.shape[0] // 16
+    warp_any = gl.inline_asm_elementwise(
+        """{ .reg .pred p, q;
+        setp.ge.f32 p, $1, $3;
+        setp.ge.or.f32 p, $2, $4, p;
+        vote.sync.any.pred q, p, -1;
+        selp.b32 $0, 0x00010001, 0, q; }""",  # both 16-bit halves of $0: the two elements' (equal) answers
+        "=r,r,r,r,r", [gap, gl.full(gap.shape, 0.0, gl.float32, layout=gap.type.layout) + threshold],
+        dtype=gl.int16, is_pure=True, pack=2)
+    vote_smem.store(warp_any)
+    first_of_each_warp = vote_smem.reshape([num_warps, gap.shape[0] * gap.shape[1] // num_warps]).slice(0, 1, dim=1)
+    votes = first_of_each_warp.load(gl.BlockedLayout([num_warps, 1], [1, 32], [1, num_warps], [1, 0]))
+    return gl.max(gl.max(votes, axis=1), axis=0) > 0
 
 
 @gluon.jit
@@ -113,13 +123,16 @@ def _vote(s, m_i, row_ok, offs_m, start_n, needs_mask, exists, causal_off, kv_le
         if IS_CAUSAL:
             allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_off)
         s = gl.where(allowed, s, float("-inf"))
-    m_tile = _row_max(s) * qk_scale
+    quad_max = _quad_row_max(s) * qk_scale
     keep = gl.to_tensor(exists)
-    if VOTE:
-        gap = gl.where(m_tile == float("-inf"), float("-inf"),
-                       gl.where(m_i == float("-inf"), float("inf"), m_tile - m_i))
-        tile_gap = _block_max(gl.where(row_ok, gap, float("-inf")), vote_smem)  # rows past Lq never block a skip
-        keep = exists & (tile_gap >= log_lam2)
+    if VOTE:  # a row's gap is the max of its quad's: test each thread's own, the row max can wait
+        quad_rows: gl.constexpr = gl.SliceLayout(1, quad_max.type.layout)
+        m_q = gl.convert_layout(m_i, quad_rows)[:, None]  # the same rows in each thread: no data moves
+        gap = gl.where(quad_max == float("-inf"), float("-inf"),
+                       gl.where(m_q == float("-inf"), float("inf"), quad_max - m_q))
+        gap = gl.where(gl.convert_layout(row_ok, quad_rows)[:, None], gap, float("-inf"))  # rows past Lq never keep
+        keep = exists & _any_at_least(gap, log_lam2, vote_smem)
+    m_tile = gl.convert_layout(gl.max(quad_max, axis=1), gl.SliceLayout(1, s.type.layout))  # no data moves
     m_new = gl.maximum(m_i, m_tile)
     alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
     return s, keep, m_new, alpha
@@ -302,10 +315,12 @@ def gluon_prefill_kernel(
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_bars = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
     v_bars = gl.allocate_shared_memory(gl.int64, [V_BUFFERS, 1], mbarrier.MBarrierLayout())
-    vote_smem = gl.allocate_shared_memory(gl.float32, [num_warps], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    gl.static_assert(BLOCK_M == 16 * num_warps)  # one 16-row wgmma slice a warp: _any_at_least's layout
+    vote_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    vote_smem = gl.allocate_shared_memory(gl.int16, [BLOCK_M, 4], vote_layout)
     # the skipped path's vote has a buffer of its own: Triton's hazard pass cannot tell that a step runs only one of
     # the two votes, and puts a CTA barrier before a store into the buffer the other path read
-    vote_skip_smem = gl.allocate_shared_memory(gl.float32, [num_warps], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    vote_skip_smem = gl.allocate_shared_memory(gl.int16, [BLOCK_M, 4], vote_layout)
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(K_STAGES):
         mbarrier.init(k_bars.index(i), count=1)
