@@ -157,9 +157,11 @@ def _run_config(args) -> CalibrationConfig:
                                decode_steps=args.decode_steps, heldout_samples=args.heldout)
 
 
-def _heldout_rows(model, sites, tokenizer, args, done=()):
+def _heldout_rows(model, sites, tokenizer, args, done=(), refit=None):
     """Yields (target, rows of ``heldout_check``) for each of ``args.targets``, on the ``args.heldout`` samples
-    after the fit's ``args.samples``; ``done``: calibrate()'s own rows, at the preset's target."""
+    after the fit's ``args.samples``; ``done``: calibrate()'s own rows, at the preset's target. ``refit(target)``
+    writes laws calibrated at that target (per-length offsets are fitted at it); else the laws move to it by
+    ``set_target``."""
     cfg = _run_config(args)
     heldout = build_samples(tokenizer, args.samples + args.heldout, args.max_seqlen, seed=cfg.seed)[args.samples:]
     preset = cfg.target_sparse_ratio.to_dict()
@@ -168,6 +170,8 @@ def _heldout_rows(model, sites, tokenizer, args, done=()):
             yield str(target), [vars(r) for r in done]  # calibrate() ran these samples at its own target
             continue
         _set_mode(sites, (target, target))
+        if refit is not None:
+            refit(target)
         rows = heldout_check(model, sites, heldout, cfg, {"prefill": target, "decode": target})
         logging.info("held-out %.1f: %s", target, [(r.phase, r.bin, round(r.achieved, 3)) for r in rows])
         yield str(target), [vars(r) for r in rows]
@@ -217,15 +221,16 @@ def saved_laws(run: SavedRun, names: list[str], cfg: CalibrationConfig = PRESET)
     return laws_from_passes(run.passes, run.trials, run.targets, names, cfg)
 
 
-def law_variants(weights, caps, exponents, matches) -> dict[str, CalibrationConfig]:
+def law_variants(weights, caps, exponents, matches, offsets=(0,)) -> dict[str, CalibrationConfig]:
     """``SKIP_SOFTMAX_CALIB``'s calibration with each combination of pooling weight, per-site cap (0: none),
-    length exponent and bin matching, by name."""
+    length exponent, bin matching and per-length offsets, by name."""
     variants = {}
-    for weight, cap, exponent, match in itertools.product(weights, caps, exponents, matches):
+    for weight, cap, exponent, match, offset in itertools.product(weights, caps, exponents, matches, offsets):
         name = {0.0: "global", 1.0: "per_site"}.get(weight, f"pooled {weight:g}") + (f" cap {cap:g}" if cap else "")
-        name += " p fitted" * bool(exponent) + " matched" * bool(match)
+        name += " p fitted" * bool(exponent) + " matched" * bool(match) + " + length offsets" * bool(offset)
         variants[name] = dataclasses.replace(PRESET, per_site_weight=weight, per_site_cap=cap or None,
-                                             fit_length_exponent=bool(exponent), match_length_bins=bool(match))
+                                             fit_length_exponent=bool(exponent), match_length_bins=bool(match),
+                                             length_offsets=bool(offset))
     return variants
 
 
@@ -302,6 +307,8 @@ def main() -> None:
                              "compare (0 = p = 1, 1 = fitted), e.g. 0,1")
     parser.add_argument("--match", default="0", help="with --laws-from/--niah-only: match_length_bins values to compare, "
                              "e.g. 0,1")
+    parser.add_argument("--offsets", default="0", help="with --laws-from/--niah-only: length_offsets values to compare, "
+                        "e.g. 0,1 (with 1 the held-out check refits the laws at each target)")
     parser.add_argument("--niah-dense", action="store_true", help="with --laws-from/--niah-only: also run dense NIAH")
     parser.add_argument("--laws-from-heldout", action="store_true", help="with --laws-from/--niah-only: also run the "
                              "held-out check (--heldout samples after --samples, at --targets) with the first law")
@@ -331,7 +338,7 @@ def main() -> None:
         results["kl"] = []
         numbers = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
         variants = law_variants(numbers(args.site_weights), numbers(args.caps), numbers(args.exponents),
-                                numbers(args.match))
+                                numbers(args.match), numbers(args.offsets))
         fitted = {name: saved_laws(saved_run, list(sites), cfg) for name, cfg in variants.items()}
         if args.spare:
             fitted = {f"{name} spare {args.spare}": fits._replace(
@@ -349,8 +356,16 @@ def main() -> None:
         next(iter(setters.values()))()
         results["heldout"] = {}
         if args.laws_from_heldout:
+            first = next(iter(variants.values()))
+
+            def refit(target: float) -> None:
+                run = dataclasses.replace(saved_run, targets={"prefill": target, "decode": target})
+                fits = saved_laws(run, list(sites), first)
+                write_laws(sites, fits.laws, fits.site_laws, {"prefill": target, "decode": target})
+
             with _timed(seconds, "heldout"):
-                for target, rows in _heldout_rows(model, sites, tokenizer, args):
+                for target, rows in _heldout_rows(model, sites, tokenizer, args,
+                                                  refit=refit if first.length_offsets else None):
                     results["heldout"][target] = rows
                     save()
         with _timed(seconds, "niah"):

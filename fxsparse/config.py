@@ -114,6 +114,13 @@ class CalibrationConfig:
             phase (q only with ``fit_length_exponent``) so that each length bin's mean sparsity on the
             calibration data follows the target over S = 0.2…0.8 (``calibrate.match_length_bins``); what the
             held-out check measures per bin.
+        length_offsets: then add a per-length correction o(L) of ln λ per phase, fitted at the target itself so
+            that each length bin's mean sparsity on the calibration data equals it, interpolated in log2 L
+            between the bins (``calibrate.fit_length_offsets``; 8 knots, 1k…128k tokens, in the threshold
+            state). The smooth law misses a short bin near its ceiling (at 1k every query tile keeps its first
+            key tile); on SmolLM2's held-out counts the offsets bring the prefill cells from 11 to 12 of 12 when
+            calibrated at each target. A law moved to another target with ``set_target`` keeps the offsets fitted
+            at the first. Off until measured with real skipping and NIAH (bench/ACCURACY.md).
         refit_while_skipping: after the first fit, measure the samples again with every site skipping at its
             fitted law (at the target) and fit again from those counts. The first pass runs dense, so each site
             counts on the inputs of a dense model; sparse earlier layers make later layers' scores flatter, and
@@ -136,6 +143,7 @@ class CalibrationConfig:
     per_site_cap: float | None = 1.15
     fit_length_exponent: bool = True
     match_length_bins: bool = True
+    length_offsets: bool = False
     refit_while_skipping: bool = False
     heldout_samples: int = 8
     seed: int = 1234
@@ -224,6 +232,7 @@ def _parse_calibration(raw: Mapping[str, Any]) -> CalibrationConfig:
         "per_site_cap": lambda v, n: None if v is None else _number(v, n, 1.0, 10.0),
         "fit_length_exponent": _flag,
         "match_length_bins": _flag,
+        "length_offsets": _flag,
         "refit_while_skipping": _flag,
         "heldout_samples": lambda v, n: _integer(v, n, 0),
         "seed": lambda v, n: _integer(v, n, 0),

@@ -17,7 +17,8 @@ sites' settings in ``config.json`` under two keys::
         "sites": {"model.layers.1.self_attn": {"method": ..., "br": 128, "bc": 128, "backend": "auto",
                   "collect_stats": true, "enable": true,
                   "threshold": {"prefill": 1e-3, "decode": 1e-4},
-                  "law": {"prefill": {"a": .., "b": .., "p": .., "target": 0.5}} | null}}}
+                  "law": {"prefill": {"a": .., "b": .., "p": .., "target": 0.5[, "offsets": [8 knots]]}}
+                         | null}}}
 
 A phase without a calibrated law has ``a = b = 0`` and target 0 in the group (λ = 0: dense for a
 reader that only knows the law); its fixed λ is in the fxsparse record. When sites were calibrated
@@ -44,6 +45,7 @@ import numpy as np
 from torch import nn
 
 from .config import PHASES, SKIP_SOFTMAX_DEFAULT, SiteConfig
+from .ops.threshold import knot_offsets, length_offset
 from .sites import SparseSite, sites_of
 
 SPARSE_ATTENTION_KEY = "sparse_attention_config"
@@ -129,7 +131,9 @@ def site_record(site: SparseSite) -> dict[str, Any]:
     record = site.config.to_dict()
     record["enable"] = site.enabled
     record["threshold"] = {phase: _short(value) for phase, value in site.thresholds().items()}
-    record["law"] = None if law is None else {p: {k: _short(v) for k, v in params.items()} for p, params in law.items()}
+    record["law"] = None if law is None else {
+        p: {k: [_short(x) for x in v] if isinstance(v, list) else _short(v) for k, v in params.items()}
+        for p, params in law.items()}
     return record
 
 
@@ -172,12 +176,14 @@ def sparse_attention_config(
 def _group_law(laws: list[Mapping[str, float]]) -> dict[str, float]:
     """One law for the group: the median site's (by λ at its target and ``REFERENCE_LENGTH``); zeros when none.
 
-    The group's formula has λ = sf/L (p = 1); a law with another length exponent p is written there exact at
-    ``REFERENCE_LENGTH`` (a·L0^(1−p)), and exact at every length in the fxsparse record."""
+    The group's formula has λ = sf/L (p = 1); a law with another length exponent p or a per-length correction
+    o(L) is written there exact at ``REFERENCE_LENGTH`` (a·e^o(L0)·L0^(1−p)), and exact at every length in the
+    fxsparse record."""
     if not laws:
         return {"a": 0.0, "b": 0.0, "target": 0.0}
-    as_one_over_l = [{"a": law["a"] * REFERENCE_LENGTH ** (1.0 - law.get("p", 1.0)), "b": law["b"],
-                      "target": law["target"]} for law in laws]
+    as_one_over_l = [{"a": law["a"] * REFERENCE_LENGTH ** (1.0 - law.get("p", 1.0))
+                      * math.exp(length_offset(knot_offsets(law.get("offsets")), REFERENCE_LENGTH)),
+                      "b": law["b"], "target": law["target"]} for law in laws]
     ranked = sorted(as_one_over_l, key=lambda law: law["a"] * math.exp(law["b"] * law["target"]))
     return {key: float(ranked[(len(ranked) - 1) // 2][key]) for key in ("a", "b", "target")}
 
@@ -328,5 +334,6 @@ def _write(site: SparseSite, threshold: Mapping[str, float], law: Mapping[str, M
     site.set_threshold(dict(threshold))  # also clears any previous law
     if law:
         targets = {phase: float(law[phase]["target"]) if phase in law else 0.0 for phase in PHASES}
-        site.set_law({phase: {"a": v["a"], "b": v["b"], "p": v.get("p", 1.0)} for phase, v in law.items()}, targets)
+        site.set_law({phase: {"a": v["a"], "b": v["b"], "p": v.get("p", 1.0), "offsets": v.get("offsets")}
+                      for phase, v in law.items()}, targets)
     site.set_enabled(bool(enable))

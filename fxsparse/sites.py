@@ -3,7 +3,7 @@
 Every rewrite inserts one ``torch.ops.fxsparse.skip_softmax_attention`` call that reads three
 buffers of a ``SparseSite``::
 
-    threshold_state   float32 (2, 6)     λ or the calibrated law per phase, and the enable flag
+    threshold_state   float32 (2, 14)    λ or the calibrated law per phase, and the enable flag
     stats             int64   (2, 1 + T) [valid tiles, skipped tiles under each of T thresholds];
                                          (0, 2) when the site does not collect stats
     trial_thresholds  float32 (T,)       empty normally; the λ grid while calibration measures
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .config import PhaseValues, SiteConfig
-from .ops.threshold import A, B, DECODE, ENABLED, P, PREFILL, TARGET, THRESHOLD, make_threshold_state
+from .ops.threshold import (A, B, DECODE, ENABLED, OFFSET, P, PREFILL, TARGET, THRESHOLD, knot_offsets,
+                            make_threshold_state)
 
 PHASE_ROWS = {"prefill": PREFILL, "decode": DECODE}
 
@@ -73,10 +74,12 @@ class SparseSite(nn.Module):
             self.threshold_state[row, THRESHOLD] = getattr(values, phase)
             self.threshold_state[row, A] = 0.0
             self.threshold_state[row, B] = 0.0
+            self.threshold_state[row, OFFSET:] = 0.0
 
     def set_law(self, law: Mapping[str, Mapping[str, float]], target: float | Mapping[str, float]) -> None:
-        """Calibrated λ = a·exp(b·S)/L^p for the phases in ``law`` (``{"prefill": {"a": .., "b": .., "p": ..}}``,
-        ``p`` optional: 1, Model Optimizer's 1/L law)."""
+        """Calibrated λ = a·exp(b·S + o(L))/L^p for the phases in ``law`` (``{"prefill": {"a": .., "b": .., "p": ..,
+        "offsets": [..]}}``; ``p`` optional: 1, Model Optimizer's 1/L law; ``offsets`` optional: the 8 knots of the
+        per-length correction o(L), ``ops/threshold.py``, else 0)."""
         for phase, params in law.items():
             row = PHASE_ROWS[phase]
             if not params["a"] > 0:
@@ -84,6 +87,7 @@ class SparseSite(nn.Module):
             self.threshold_state[row, A] = float(params["a"])
             self.threshold_state[row, B] = float(params["b"])
             self.threshold_state[row, P] = float(params.get("p", 1.0))
+            self.threshold_state[row, OFFSET:] = torch.tensor(knot_offsets(params.get("offsets")))
         self.set_target(target)
 
     def set_target(self, target: float | Mapping[str, float]) -> None:
@@ -93,14 +97,16 @@ class SparseSite(nn.Module):
             self.threshold_state[row, TARGET] = getattr(values, phase)
 
     def law(self) -> dict[str, dict[str, float]] | None:
-        """The calibrated ``{"prefill": {"a", "b", "p", "target"}, ...}``, or None when λ is fixed."""
+        """The calibrated ``{"prefill": {"a", "b", "p", "target"[, "offsets"]}, ...}`` (``offsets`` only when the
+        per-length correction is not zero), or None when λ is fixed."""
         state = self.threshold_state.detach().cpu()
-        phases = {
-            phase: {"a": float(state[row, A]), "b": float(state[row, B]), "p": float(state[row, P]),
-                    "target": float(state[row, TARGET])}
-            for phase, row in PHASE_ROWS.items()
-            if state[row, A] > 0
-        }
+        phases = {}
+        for phase, row in PHASE_ROWS.items():
+            if state[row, A] > 0:
+                phases[phase] = {"a": float(state[row, A]), "b": float(state[row, B]), "p": float(state[row, P]),
+                                 "target": float(state[row, TARGET])}
+                if state[row, OFFSET:].any():
+                    phases[phase]["offsets"] = state[row, OFFSET:].tolist()
         return phases or None
 
     def thresholds(self) -> dict[str, float]:

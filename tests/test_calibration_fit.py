@@ -262,6 +262,33 @@ def test_match_length_bins_recovers_the_law_the_bins_follow():
     assert laws["prefill"].p == 1.0 and corrections["prefill"][2] == 0.0
 
 
+def test_length_offsets_bring_each_bin_to_the_target():
+    """A bin off the smooth law (the 1k bin needs e^1.5 times the λ the others follow) is reached by o(L) alone;
+    the bins on the law get offsets of ~0, and every site gets the same knots."""
+    from fxsparse.calibration.calibrate import fit_length_offsets
+
+    trials = np.logspace(-9, 2.5, 200)
+    log_a, b, p = 10.0, 8.0, 2.0
+    passes = _law_shaped_passes(trials, log_a, b, p)
+    short = _law_shaped_passes(trials, log_a + 1.5, b, p)
+    passes = [x for x in passes if x.sample > 0] + [x for x in short if x.sample == 0]
+    exact = LawFit(float(np.exp(log_a)), b, 1.0, 100, 0.1, 0.9, p)
+    site_laws = {"s0": {"prefill": exact}, "s1": {"prefill": exact.scaled(1.0)}}
+    for target in (0.3, 0.7):
+        laws, sites = fit_length_offsets({"prefill": exact, "decode": exact}, site_laws, ["s0", "s1"], passes, trials,
+                                         {"prefill": target, "decode": 0.0})
+        offsets = laws["prefill"].offsets
+        assert offsets[0] == pytest.approx(1.5, abs=0.05) and offsets[1] == pytest.approx(0.0, abs=0.05)
+        assert sites["s0"]["prefill"].offsets == sites["s1"]["prefill"].offsets == offsets
+        assert laws["decode"].offsets == ()  # target 0: nothing to reach
+        for sample in range(4):
+            group = [x for x in passes if x.sample == sample]
+            skipped, valid = tiles_skipped(group, "prefill", trials, [laws["prefill"]] * 2, target)
+            assert skipped.sum() / valid.sum() == pytest.approx(target, abs=0.01), (target, sample)
+        before, valid = tiles_skipped([x for x in passes if x.sample == 0], "prefill", trials, [exact] * 2, target)
+        assert before.sum() / valid.sum() < target - 0.1  # without the offsets the short bin misses
+
+
 def test_bin_shortfalls_name_the_bins_that_miss_the_target():
     from fxsparse.calibration.calibrate import bin_shortfalls
 

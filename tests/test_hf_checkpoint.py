@@ -124,7 +124,8 @@ def test_config_json_matches_the_schema(tiny, tmp_path):
 def test_export_reload_same_logits_thresholds_and_laws(tiny, tmp_path):
     model, tokenizer = tiny
     sites = attach_sites(model, {SITE_NAMES[1]: SiteConfig(br=32, bc=64, backend="pytorch", threshold=SiteConfig().threshold)})
-    sites[SITE_NAMES[0]].set_law({**LAW, "prefill": {**LAW["prefill"], "p": 1.7}}, 0.6)  # a fitted length exponent
+    offsets = [0.5, -0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.125]  # a fitted length exponent and per-length correction
+    sites[SITE_NAMES[0]].set_law({**LAW, "prefill": {**LAW["prefill"], "p": 1.7, "offsets": offsets}}, 0.6)
     sites[SITE_NAMES[1]].set_threshold({"prefill": 0.02, "decode": 0.003})
     before = model.config.to_dict()
     export_hf(model, tmp_path / "out", tokenizer)
@@ -184,13 +185,13 @@ def test_group_carries_a_length_exponent_law_as_the_one_over_l_law_equal_at_4096
     model, _ = tiny
     sites = attach_sites(model)
     for site in sites.values():
-        site.set_law({"prefill": {"a": 300.0, "b": 2.0, "p": 2.0}}, 0.5)
+        site.set_law({"prefill": {"a": 300.0, "b": 2.0, "p": 2.0, "offsets": [0, 0, 0.3, 0, 0, 0, 0, 0]}}, 0.5)
     export_hf(model, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     group = saved[SPARSE_ATTENTION_KEY]["config_groups"]["group_0"]
     factor = group["threshold_scale_factor"]["prefill"]
-    # a reader of the group computes λ = a·exp(b·S)/L: at L = 4096 that is the site's 300·exp(b·S)/4096²
-    assert factor["a"] * math.exp(factor["b"] * 0.5) / 4096 == pytest.approx(300.0 * math.exp(1.0) / 4096**2)
+    # a reader of the group computes λ = a·exp(b·S)/L: at L = 4096 that is the site's 300·exp(b·S + 0.3)/4096²
+    assert factor["a"] * math.exp(factor["b"] * 0.5) / 4096 == pytest.approx(300.0 * math.exp(1.3) / 4096**2, rel=1e-6)
     assert saved[FXSPARSE_KEY]["sites"][SITE_NAMES[0]]["law"]["prefill"]["p"] == 2.0
 
 

@@ -336,6 +336,24 @@ def test_calibrated_law_equals_fixed_threshold(phase, query_len):
     assert not torch.equal(run_op(q, k, v, other_lam)[1], fixed_stats)
 
 
+@pytest.mark.parametrize("kv_len", [700, 1024, 1400, 2048, 140_000])
+def test_law_with_length_offsets_equals_fixed_threshold(kv_len):
+    """o(L) interpolates its knots (at 1k … 128k tokens) linearly in log2 L and stays flat past either end;
+    the expected λ is computed here from the knots directly."""
+    q, k, v = sink_inputs(query_len=16, kv_len=kv_len)
+    knots = [0.9, -0.4, 0.2, 0.0, 0.0, 0.0, 0.0, 1.3]
+    plain = {"prefill": {"a": 2.6, "b": 5.0, "p": 0.5}}  # λ ~ 1 at 1k: where these inputs' counts move with λ
+    law = {"prefill": {**plain["prefill"], "offsets": knots}}
+    offset = float(np.interp(math.log2(kv_len), np.arange(10, 18), knots))
+    expected_lam = 2.6 * math.exp(5.0 * 0.5 + offset) / kv_len**0.5
+    law_out, law_stats = run_op(q, k, v, make_threshold_state(0.0, law=law, target=0.5))
+    fixed_out, fixed_stats = run_op(q, k, v, expected_lam)
+    assert torch.equal(law_stats, fixed_stats)
+    torch.testing.assert_close(law_out, fixed_out, rtol=0, atol=1e-12)
+    # the test can tell: without the offsets the law skips a different number of tiles
+    assert not torch.equal(run_op(q, k, v, make_threshold_state(0.0, law=plain, target=0.5))[1], fixed_stats)
+
+
 def test_disabled_state_is_dense():
     q, k, v = sink_inputs(query_len=100)
     dense, dense_stats = run_op(q, k, v, 0.0)
@@ -500,7 +518,7 @@ BAD_INPUTS = {
     "negative_threshold": (lambda c: {"threshold": -0.1}, "λ >= 0"),
     "nan_threshold": (lambda c: {"threshold": float("nan")}, "λ >= 0"),
     "threshold_missing_phase": (lambda c: {"threshold": {"prefill": 0.1}}, "'prefill' and 'decode'"),
-    "threshold_state_shape": (lambda c: {"threshold": torch.zeros(2, 5)}, r"shape \(2, 6\)"),  # the layout before p
+    "threshold_state_shape": (lambda c: {"threshold": torch.zeros(2, 6)}, r"shape \(2, 14\)"),  # the layout before o(L)
     "br_zero": (lambda c: {"br": 0}, "br must be a positive power of two"),
     "br_not_power_of_two": (lambda c: {"br": 24}, "br must be a positive power of two"),
     "bc_negative": (lambda c: {"bc": -16}, "bc must be a positive power of two"),

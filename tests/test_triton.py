@@ -264,6 +264,17 @@ def test_counting_matches_reference(lq, lam):
         assert counts[trials.index(lam)] > 0 and not torch.allclose(out, dense, atol=1e-5)  # λ = 2 skips tiles here
 
 
+def _kernel_matches_reference(q, k, v, state) -> torch.Tensor:
+    """The causal op through both backends with a state tensor: equal stats, close outputs; returns the stats."""
+    stats_ref = torch.zeros(2, 2, dtype=torch.int64, device=DEVICE)
+    stats_tri = stats_ref.clone()
+    ref = reference_attention(q, k, v, None, True, 0.25, state, 16, 16, stats_ref)
+    out = triton_attention.skip_softmax_attention(q, k, v, None, True, 0.25, state, 16, 16, stats_tri)
+    assert torch.equal(stats_tri, stats_ref)
+    assert torch.allclose(out, ref, atol=2e-5)
+    return stats_tri
+
+
 @here
 def test_threshold_state_law_and_disable_are_read_in_kernel():
     q, k, v = _inputs(1, 2, 1, 48, 48, 16, torch.float32, seed=14)
@@ -271,12 +282,21 @@ def test_threshold_state_law_and_disable_are_read_in_kernel():
                                target=0.6, device=DEVICE)
     compare(q, k, v, lam=0.0, causal=True)  # sanity
     for state in (law, make_threshold_state(5.0, enabled=False, device=DEVICE)):
-        stats_ref = torch.zeros(2, 2, dtype=torch.int64, device=DEVICE)
-        stats_tri = stats_ref.clone()
-        ref = reference_attention(q, k, v, None, True, 0.25, state, 16, 16, stats_ref)
-        out = triton_attention.skip_softmax_attention(q, k, v, None, True, 0.25, state, 16, 16, stats_tri)
-        assert torch.equal(stats_tri, stats_ref)
-        assert torch.allclose(out, ref, atol=2e-5)
+        _kernel_matches_reference(q, k, v, state)
+
+
+@here
+@pytest.mark.parametrize("query_len", [16, 1])  # the prefill and the decode kernel
+def test_length_offsets_are_read_in_kernel(query_len):
+    """The law's per-length correction o(L) (knots at 1k … 128k tokens, linear in log2 L): at 1500 keys the kernel
+    interpolates between the first two knots as the reference does."""
+    q, k, v = _inputs(1, 2, 1, query_len, 1500, 16, torch.float32, seed=16)
+    law = {"prefill": {"a": 30.0, "b": 2.0, "p": 0.5}, "decode": {"a": 3.5, "b": 2.0, "p": 0.5}}  # λ ~ 3 and 0.3
+    offsets = [0.9, -0.4, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0]  # o(1500) = 0.9 − 0.55·1.3
+    with_offsets = {phase: {**fit, "offsets": offsets} for phase, fit in law.items()}
+    stats = [_kernel_matches_reference(q, k, v, make_threshold_state(0.0, law=chosen, target=0.6, device=DEVICE))
+             for chosen in (with_offsets, law)]
+    assert not torch.equal(*stats)  # the offsets change what is skipped: the test can fail
 
 
 @here

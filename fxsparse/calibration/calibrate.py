@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..assets import essays_dir
 from ..config import CalibrationConfig, SparseAttentionConfig
+from ..ops.threshold import KNOT_LOG2_LENGTHS
 from ..sites import PHASE_ROWS, SparseSite, sites_of
 from .fit import (LawFit, bin_correction, fit_law, law_points, mean_sparsity, passes_by_bin, solve_increasing,
                   tiles_skipped)
@@ -167,6 +169,46 @@ def match_length_bins(laws, site_laws, names, passes, trials, fit_exponent: bool
     return laws, site_laws, corrections
 
 
+OFFSET_ROUNDS = 3  # a bin's lengths spread between knots, so one round lands near, not on, the target
+
+
+def fit_length_offsets(laws, site_laws, names, passes, trials, targets):
+    """The laws with one per-length correction o(L) of ln λ per phase, the same for every site, so that each length
+    bin's tile-weighted mean sparsity on ``passes`` equals the target itself (``LawFit.offsets``).
+
+    Per bin it bisects the ln-λ shift that brings the bin to the target; o(L) puts those shifts at the bins' mean
+    log2 lengths and interpolates them onto the threshold state's knots (flat past the first and last bin). A bin
+    the trial grid cannot bring to the target gives no point. Why: the law is smooth in S and L, and a short bin
+    near its ceiling needs a λ no smooth law gives it without moving the other bins (bench/ACCURACY.md).
+    Returns ``(laws, site_laws)``.
+    """
+    laws, site_laws = dict(laws), {name: dict(fits) for name, fits in site_laws.items()}
+    for phase, target in targets.items():
+        if laws.get(phase) is None or target <= 0:
+            continue
+        knots = np.zeros(len(KNOT_LOG2_LENGTHS))
+        for _ in range(OFFSET_ROUNDS):
+            chosen = laws_by_site(laws, site_laws, names, phase)
+            positions, shifts = [], []
+            for group in passes_by_bin(passes, phase).values():
+                def excess(shift: np.ndarray) -> float:
+                    scaled = [law.scaled(math.exp(float(shift))) for law in chosen]
+                    return mean_sparsity(group, phase, trials, scaled, target) - target
+
+                shift = float(solve_increasing(excess))
+                if abs(shift) < 19.0:
+                    positions.append(float(np.mean([math.log2(p.kv_len) for p in group])))
+                    shifts.append(shift)
+            if not shifts:
+                break
+            knots = knots + np.interp(KNOT_LOG2_LENGTHS, positions, shifts)
+            laws[phase] = replace(laws[phase], offsets=tuple(float(x) for x in knots))
+            for fits in site_laws.values():
+                if phase in fits:
+                    fits[phase] = replace(fits[phase], offsets=laws[phase].offsets)
+    return laws, site_laws
+
+
 BIN_TOLERANCE = 0.05  # a length bin further than this from its target on the calibration passes is reported
 
 
@@ -212,6 +254,8 @@ def laws_from_passes(passes, trials, targets, names, cfg: CalibrationConfig) -> 
         warnings += notes
     if cfg.match_length_bins:
         laws, site_laws, corrections = match_length_bins(laws, site_laws, names, passes, trials, cfg.fit_length_exponent)
+    if cfg.length_offsets:
+        laws, site_laws = fit_length_offsets(laws, site_laws, names, passes, trials, targets)
     warnings += bin_shortfalls(laws, site_laws, names, passes, trials, targets)
     return FittedLaws(laws, site_laws, capped, corrections, warnings)
 
@@ -220,7 +264,8 @@ def write_laws(sites, laws, site_laws, targets) -> None:
     """Write each site's law (its own when in ``site_laws``, else the model-wide one) and the targets."""
     for name, site in sites.items():
         chosen = site_laws.get(name, laws)
-        law = {phase: {"a": fit.a, "b": fit.b, "p": fit.p} for phase, fit in chosen.items() if fit is not None}
+        law = {phase: {"a": fit.a, "b": fit.b, "p": fit.p, "offsets": list(fit.offsets)}
+               for phase, fit in chosen.items() if fit is not None}
         site.set_law(law, targets)
 
 

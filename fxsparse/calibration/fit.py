@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..ops.threshold import KNOT_LOG2_LENGTHS
 from .measure import Pass
 
 FIT_RANGE = (0.1, 0.9)
@@ -28,9 +29,10 @@ FIT_RANGE = (0.1, 0.9)
 
 @dataclass(frozen=True)
 class LawFit:
-    """``λ = a·exp(b·S) / L^p`` with its goodness of fit and the sparsity range the data covered.
+    """``λ = a·exp(b·S + o(L)) / L^p`` with its goodness of fit and the sparsity range the data covered.
 
-    ``r2`` is that of ln(λ·L^p) on S; ``p`` = 1 is Model Optimizer's law (sf = λ·L = a·exp(b·S)).
+    ``r2`` is that of ln(λ·L^p) on S; ``p`` = 1 is Model Optimizer's law (sf = λ·L = a·exp(b·S)). ``offsets``: the
+    knots of the per-length correction o(L) (``ops/threshold.py``; empty: none), set by ``length_offsets``.
     """
 
     a: float
@@ -40,13 +42,20 @@ class LawFit:
     observed_min: float
     observed_max: float
     p: float = 1.0
+    offsets: tuple[float, ...] = ()
 
     def scale_factor(self, sparsity: float) -> float:
         """a·exp(b·S): λ·L^p at every length."""
         return self.a * math.exp(self.b * sparsity)
 
     def threshold(self, sparsity: float, kv_len: float) -> float:
-        return self.scale_factor(sparsity) / kv_len**self.p
+        return self.scale_factor(sparsity) * math.exp(float(self.log_offset(np.array(kv_len)))) / kv_len**self.p
+
+    def log_offset(self, kv_len: np.ndarray) -> np.ndarray:
+        """o(L) at each length: the knots interpolated linearly in log2 L, flat past the ends (0 without knots)."""
+        if not self.offsets:
+            return np.zeros(np.shape(kv_len))
+        return np.interp(np.log2(kv_len), KNOT_LOG2_LENGTHS, self.offsets)
 
     def covers(self, sparsity: float) -> bool:
         return self.observed_min <= sparsity <= self.observed_max
@@ -112,7 +121,8 @@ def tiles_skipped(
     log_trials = np.log(np.asarray(trials, dtype=np.float64))
     log_sf = np.array([math.log(law.scale_factor(target)) for law in laws])
     exponent = np.array([law.p for law in laws])
-    log_threshold = log_sf[None, :] - exponent[None, :] * np.log(kv_len)[:, None]  # (P, N)
+    log_offset = np.stack([law.log_offset(kv_len) for law in laws], axis=1)  # (P, N)
+    log_threshold = log_sf[None, :] - exponent[None, :] * np.log(kv_len)[:, None] + log_offset
     upper = np.clip(np.searchsorted(log_trials, log_threshold), 1, log_trials.size - 1)
     lower = upper - 1
     weight = np.clip((log_threshold - log_trials[lower]) / (log_trials[upper] - log_trials[lower]), 0.0, 1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..ops.threshold import FIRST_KNOT
 from .fit import LawFit
 
 
@@ -102,6 +103,9 @@ class CalibrationResult:
                 continue
             lines.append(f"{phase:<8} {target:>6.2f} {law.a:>11.4g} {law.b:>8.3f} {law.p:>6.3f} {law.r2:>6.3f} "
                          f"{law.points:>6d} {law.observed_min:>6.2f}-{law.observed_max:<6.2f}")
+            if law.offsets:
+                knots = " ".join(f"{(1 << (FIRST_KNOT + i)) // 1024}k {x:+.2f}" for i, x in enumerate(law.offsets))
+                lines.append(f"{'':<8} per-length offsets of ln λ: {knots}")
         if self.site_laws:
             lines.append(f"per-site laws ({len(self.site_laws)} sites):")
             for site, laws in self.site_laws.items():

@@ -107,13 +107,13 @@ def _(q, k, v, attn_mask, is_causal, scale, threshold_state, br, bc, backend, st
 
 
 def as_threshold_state(threshold, device) -> torch.Tensor:
-    """A float λ, a per-phase dict, or a ready (2, 6) state tensor → a state tensor on ``device``."""
+    """A float λ, a per-phase dict, or a ready (2, 14) state tensor → a state tensor on ``device``."""
     if isinstance(threshold, torch.Tensor):
         validate_threshold_state(threshold)
         return threshold
     if isinstance(threshold, (int, float, Mapping)) and not isinstance(threshold, bool):
         return make_threshold_state(threshold, device=device)
-    raise ValueError(f"threshold must be a float λ, a per-phase dict or a (2, 6) state tensor, got {threshold!r}")
+    raise ValueError(f"threshold must be a float λ, a per-phase dict or a (2, 14) state tensor, got {threshold!r}")
 
 
 def skip_softmax_attention(
@@ -137,7 +137,7 @@ def skip_softmax_attention(
         attn_mask: bool (True = attend) or additive, broadcastable to (B, Hq, Lq, Lk).
         is_causal: bottom-right aligned causal mask (key c masked for row r iff c > r + Lk − Lq).
         scale: score scale, default 1/sqrt(D).
-        threshold: λ ≥ 0 (0 never skips), ``{"prefill": .., "decode": ..}``, or a (2, 6) state tensor.
+        threshold: λ ≥ 0 (0 never skips), ``{"prefill": .., "decode": ..}``, or a (2, 14) state tensor.
         br, bc: query / key tile sizes of the skip decision.
         backend: ``"pytorch"``, ``"triton"`` or ``"auto"``.
         return_stats: also return int64 (2, 2) ``[[valid, skipped] prefill, [valid, skipped] decode]``.

@@ -107,7 +107,7 @@ def reference_attention(
 
     Args:
         q, k, v: (B, Hq, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, Dv).
-        threshold_state: (2, 6) state (see ``threshold.py``), read for this call's phase.
+        threshold_state: (2, 14) state (see ``threshold.py``), read for this call's phase.
         stats: int64 (2, 1 + T) accumulator or None: column 0 += valid tiles, column 1 + t += valid
             tiles skipped under threshold t (the state's λ when no trials are given).
         trial_thresholds: float (T,) trial λ values; when given the counts use the trials instead of

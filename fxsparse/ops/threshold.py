@@ -1,12 +1,14 @@
 """The threshold state: one small tensor per attention site that every backend reads on device.
 
-Layout, float32 of shape (2, 6): row 0 is prefill (Lq > 1), row 1 is decode (Lq == 1); columns::
+Layout, float32 of shape (2, 14): row 0 is prefill (Lq > 1), row 1 is decode (Lq == 1); columns::
 
-    ENABLED   THRESHOLD   A   B   TARGET   P
-      1.0       λ_fixed   a   b     S      p
+    ENABLED   THRESHOLD   A   B   TARGET   P   OFFSET … (8 knots)
+      1.0       λ_fixed   a   b     S      p   o(2^10) … o(2^17)
 
-λ = 0 when ENABLED is 0; else a·exp(b·S)/Lk^p when a > 0 (the calibrated law), else λ_fixed. The length
-exponent p is 1 unless calibration fitted it (the 1/L of Model Optimizer's law).
+λ = 0 when ENABLED is 0; else a·exp(b·S + o(Lk))/Lk^p when a > 0 (the calibrated law), else λ_fixed. The length
+exponent p is 1 unless calibration fitted it (the 1/L of Model Optimizer's law). o(Lk) is a per-length correction
+of ln λ, linear in log2 Lk between knots at 1k, 2k, … 128k tokens and flat past either end (``length_offset``):
+zero unless calibration fitted it (``length_offsets``), so that each length bin reaches the target.
 Kernels read the state from memory, so changing any entry never recompiles anything.
 """
 
@@ -18,8 +20,11 @@ from typing import Mapping
 import torch
 
 PREFILL, DECODE = 0, 1
-ENABLED, THRESHOLD, A, B, TARGET, P = range(6)
-STATE_SHAPE = (2, 6)
+ENABLED, THRESHOLD, A, B, TARGET, P, OFFSET = range(7)
+OFFSET_KNOTS = 8  # o(L) at L = 2^FIRST_KNOT … 2^(FIRST_KNOT + 7): 1k … 128k tokens
+FIRST_KNOT = 10
+STATE_SHAPE = (2, OFFSET + OFFSET_KNOTS)
+KNOT_LOG2_LENGTHS = tuple(float(FIRST_KNOT + i) for i in range(OFFSET_KNOTS))
 
 
 def phase_of(query_len: int) -> int:
@@ -43,12 +48,13 @@ def make_threshold_state(
     enabled: bool = True,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Build a (2, 6) state.
+    """Build a (2, 14) state.
 
     Args:
         threshold: fixed λ, one number or ``{"prefill": λp, "decode": λd}``.
-        law: calibrated ``{"prefill": {"a": .., "b": .., "p": ..}, "decode": {...}}`` (``p`` optional,
-            default 1); overrides ``threshold`` for phases whose ``a`` is positive.
+        law: calibrated ``{"prefill": {"a": .., "b": .., "p": .., "offsets": [..]}, "decode": {...}}`` (``p``
+            optional, default 1; ``offsets`` optional, the 8 knots of o(L), default 0); overrides ``threshold`` for
+            phases whose ``a`` is positive.
         target: target sparsity S for the law.
         enabled: False makes every phase dense.
     """
@@ -66,14 +72,32 @@ def make_threshold_state(
             state[phase, A] = float(law[name]["a"])
             state[phase, B] = float(law[name]["b"])
             state[phase, P] = float(law[name].get("p", 1.0))
+            state[phase, OFFSET:] = torch.tensor(knot_offsets(law[name].get("offsets")))
     return state
+
+
+def knot_offsets(offsets) -> list[float]:
+    """The 8 knot values of o(L) from a law's optional ``offsets`` (None or empty: zeros)."""
+    if not offsets:
+        return [0.0] * OFFSET_KNOTS
+    if len(offsets) != OFFSET_KNOTS or not all(math.isfinite(float(x)) for x in offsets):
+        raise ValueError(f"law 'offsets' must be {OFFSET_KNOTS} finite ln-λ offsets (at 1k … 128k tokens), got {offsets}")
+    return [float(x) for x in offsets]
+
+
+def length_offset(offsets, kv_len: int):
+    """o(Lk): the knots ``offsets`` (a sequence or a tensor) interpolated linearly in log2 Lk, flat past the ends.
+    The kernels' ``log2_threshold`` computes the same."""
+    t = min(max(math.log2(kv_len) - FIRST_KNOT, 0.0), OFFSET_KNOTS - 1.0)
+    i = min(int(t), OFFSET_KNOTS - 2)
+    return offsets[i] + (t - i) * (offsets[i + 1] - offsets[i])
 
 
 def log_threshold(state: torch.Tensor, phase: int, kv_len: int) -> torch.Tensor:
     """ln λ for one phase as a 0-dim float32 tensor on the state's device (−inf means never skip)."""
     row = state[phase].float()
     length_term = torch.pow(torch.full_like(row[P], float(kv_len)), row[P])  # exactly Lk when p = 1
-    law = row[A] * torch.exp(row[B] * row[TARGET]) / length_term
+    law = row[A] * torch.exp(row[B] * row[TARGET] + length_offset(row[OFFSET:], kv_len)) / length_term
     lam = torch.where(row[A] > 0, law, row[THRESHOLD]) * row[ENABLED]
     return torch.log(lam)
 

@@ -13,7 +13,7 @@ SPEC §4). Scores live in exp2 space (``qk · scale · log2 e``), so the vote co
                                  when SKIP_V_LOAD)        keep: the usual online-softmax step
 
 The same kernel counts (COUNT_MODE 1: the state's λ; 2: a vector of trial λ, the calibration's measuring
-mode, while the output still follows the state's λ). λ is read from the (2, 6) threshold state in the kernel, never a constexpr:
+mode, while the output still follows the state's λ). λ is read from the (2, 14) threshold state in the kernel, never a constexpr:
 each program picks at run time between the voting loop and a branch-free dense loop (λ = 0, and at most
 a count of valid tiles without an explicit mask), because the data-dependent skip branch costs the dense
 path ~16 % on H200 (the pipeliner cannot overlap across it). On Hopper, K and V tiles come through tensor
@@ -26,11 +26,17 @@ import triton
 import triton.language as tl
 
 
+STATE_COLUMNS = tl.constexpr(14)  # ops/threshold.py: STATE_SHAPE[1]
+OFFSET = tl.constexpr(6)  # the first of the 8 knots of o(L), at log2 L = FIRST_KNOT … FIRST_KNOT + 7
+OFFSET_KNOTS = tl.constexpr(8)
+FIRST_KNOT = tl.constexpr(10)
+
+
 @triton.jit
 def log2_threshold(state_ptr, phase, kv_len):
-    """log2 λ of one phase from the (2, 6) state (ops/threshold.py): ENABLED·(a > 0 ? a·exp(b·S)/Lk^p : THRESHOLD);
-    −inf = never skip."""
-    row = state_ptr + phase * 6
+    """log2 λ of one phase from the (2, 14) state (ops/threshold.py): ENABLED·(a > 0 ? a·exp(b·S + o(Lk))/Lk^p :
+    THRESHOLD); −inf = never skip. o(Lk) interpolates the state's knots linearly in log2 Lk (``length_offset``)."""
+    row = state_ptr + phase * STATE_COLUMNS
     enabled = tl.load(row + 0).to(tl.float32)
     fixed = tl.load(row + 1).to(tl.float32)
     a = tl.load(row + 2).to(tl.float32)
@@ -38,8 +44,12 @@ def log2_threshold(state_ptr, phase, kv_len):
     target = tl.load(row + 4).to(tl.float32)
     exponent = tl.load(row + 5).to(tl.float32)
     length = kv_len * 1.0
+    knot = tl.minimum(tl.maximum(tl.log2(length) - FIRST_KNOT, 0.0), OFFSET_KNOTS - 1.0)
+    i = tl.minimum(knot.to(tl.int32), OFFSET_KNOTS - 2)
+    below = tl.load(row + OFFSET + i).to(tl.float32)
+    offset = below + (knot - i) * (tl.load(row + OFFSET + i + 1).to(tl.float32) - below)
     length_term = tl.where(exponent == 1.0, length, tl.exp2(exponent * tl.log2(length)))  # exact for the 1/L law
-    law = a * tl.exp(b * target) / length_term
+    law = a * tl.exp(b * target + offset) / length_term
     lam = tl.where(a > 0, law, fixed) * enabled
     return tl.log2(lam)
 
