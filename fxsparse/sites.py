@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .config import PhaseValues, SiteConfig
-from .ops.threshold import (A, B, DECODE, ENABLED, OFFSET, P, PREFILL, TARGET, THRESHOLD, knot_offsets,
-                            make_threshold_state)
+from .ops.threshold import (A, B, DECODE, ENABLED, OFFSET, P, PREFILL, TARGET, THRESHOLD, make_threshold_state,
+                            write_law)
 
 PHASE_ROWS = {"prefill": PREFILL, "decode": DECODE}
 
@@ -84,10 +84,7 @@ class SparseSite(nn.Module):
             row = PHASE_ROWS[phase]
             if not params["a"] > 0:
                 raise ValueError(f"{self.name}: law 'a' must be > 0 for {phase}, got {params['a']}")
-            self.threshold_state[row, A] = float(params["a"])
-            self.threshold_state[row, B] = float(params["b"])
-            self.threshold_state[row, P] = float(params.get("p", 1.0))
-            self.threshold_state[row, OFFSET:] = torch.tensor(knot_offsets(params.get("offsets")))
+            write_law(self.threshold_state[row], params)
         self.set_target(target)
 
     def set_target(self, target: float | Mapping[str, float]) -> None:

@@ -69,11 +69,16 @@ def make_threshold_state(
         state[phase, THRESHOLD] = thresholds[phase]
         state[phase, TARGET] = targets[phase]
         if law is not None and name in law:
-            state[phase, A] = float(law[name]["a"])
-            state[phase, B] = float(law[name]["b"])
-            state[phase, P] = float(law[name].get("p", 1.0))
-            state[phase, OFFSET:] = torch.tensor(knot_offsets(law[name].get("offsets")))
+            write_law(state[phase], law[name])
     return state
+
+
+def write_law(row: torch.Tensor, params: Mapping[str, float]) -> None:
+    """Write a calibrated law ``{"a", "b"[, "p"][, "offsets"]}`` into one phase's row of a state, in place."""
+    row[A] = float(params["a"])
+    row[B] = float(params["b"])
+    row[P] = float(params.get("p", 1.0))
+    row[OFFSET:] = torch.tensor(knot_offsets(params.get("offsets")))
 
 
 def knot_offsets(offsets) -> list[float]:
