@@ -1,7 +1,8 @@
 """Accuracy of calibrated skip-softmax sparsity on SmolLM2-135M-Instruct (the GGUF from PyPI).
 
 One measurement pass calibrates (``fxsparse.calibrate``); everything else reuses its laws through
-``set_target``/``write_laws`` (no recalibration):
+``set_target`` (no new measurement). With per-length offsets (``length_offsets``), which are fitted at the target,
+the laws are refitted from the same measured passes at each target instead (``law_writer``):
 
 1. held-out check: achieved prefill/decode sparsity per length bin for targets 0.3 / 0.5 / 0.7;
 2. global vs per-site law (with ``--laws-from``, also per-site laws pooled toward the model-wide one,
@@ -72,8 +73,11 @@ def _pair(text: str) -> tuple[float, float]:
     return float(prefill), float(decode or prefill)
 
 
-def _set_mode(sites, targets):
-    """targets None → dense; else (prefill, decode) targets of the calibrated laws."""
+def _set_mode(sites, targets, write_law=None):
+    """targets None → dense; else (prefill, decode) targets of the calibrated laws, written first by
+    ``write_law(targets)`` when given (one of ``law_writer``)."""
+    if targets is not None and write_law is not None:
+        write_law(targets)
     for site in sites.values():
         site.set_enabled(targets is not None)
         if targets is not None:
@@ -125,22 +129,20 @@ def _depth(tokenizer, sample: Sample) -> float:
     return round(text.find(sample.answers[0]) / len(text), 3)
 
 
-def _niah(model, tokenizer, sites, lengths, prompts: dict, pairs, dense=True, law_setters=None):
+def _niah(model, tokenizer, sites, lengths, prompts: dict, pairs, dense=True, law_writers=None):
     """Yields one row per (length, law, config): needles found (and which), achieved sparsity, time.
 
-    law_setters: name → writes that law (default: the laws the sites hold, unnamed).
+    law_writers: name → one of ``law_writer`` (default: the laws the sites hold, unnamed).
     """
-    law_setters = law_setters or {"": lambda: None}
-    configs = [("", None, "dense", None)] * dense + [
-        (law, write, f"{p:g}/{d:g}" + (f" {law}" if law else ""), (p, d))
-        for law, write in law_setters.items() for p, d in pairs]
+    law_writers = law_writers or {"": None}
+    configs = [(None, "dense", None)] * dense + [
+        (write, f"{p:g}/{d:g}" + (f" {law}" if law else ""), (p, d))
+        for law, write in law_writers.items() for p, d in pairs]
     for length in lengths:
         samples = _niah_prompts(tokenizer, length, prompts[length])
         depths = [_depth(tokenizer, s) for s in samples]
-        for _, write, label, targets in configs:
-            if write is not None:
-                write()
-            _set_mode(sites, targets)
+        for write, label, targets in configs:
+            _set_mode(sites, targets, write)
             start, hits = time.perf_counter(), []
             for sample in samples:
                 out = tokenizer.decode(run_sample(model, sample.input_ids, length, NIAH_NEW_TOKENS))
@@ -157,11 +159,10 @@ def _run_config(args) -> CalibrationConfig:
                                decode_steps=args.decode_steps, heldout_samples=args.heldout)
 
 
-def _heldout_rows(model, sites, tokenizer, args, done=(), refit=None):
+def _heldout_rows(model, sites, tokenizer, args, done=(), write_law=None):
     """Yields (target, rows of ``heldout_check``) for each of ``args.targets``, on the ``args.heldout`` samples
-    after the fit's ``args.samples``; ``done``: calibrate()'s own rows, at the preset's target. ``refit(target)``
-    writes laws calibrated at that target (per-length offsets are fitted at it); else the laws move to it by
-    ``set_target``."""
+    after the fit's ``args.samples``; ``done``: calibrate()'s own rows, at the preset's target. ``write_law``: one
+    of ``law_writer``; without it the laws the sites hold move to each target by ``set_target``."""
     cfg = _run_config(args)
     heldout = build_samples(tokenizer, args.samples + args.heldout, args.max_seqlen, seed=cfg.seed)[args.samples:]
     preset = cfg.target_sparse_ratio.to_dict()
@@ -169,23 +170,20 @@ def _heldout_rows(model, sites, tokenizer, args, done=(), refit=None):
         if done and all(abs(t - target) < 1e-9 for t in preset.values()):
             yield str(target), [vars(r) for r in done]  # calibrate() ran these samples at its own target
             continue
-        _set_mode(sites, (target, target))
-        if refit is not None:
-            refit(target)
+        _set_mode(sites, (target, target), write_law)
         rows = heldout_check(model, sites, heldout, cfg, {"prefill": target, "decode": target})
         logging.info("held-out %.1f: %s", target, [(r.phase, r.bin, round(r.achieved, 3)) for r in rows])
         yield str(target), [vars(r) for r in rows]
 
 
-def _kl_rows(model, sites, tokenizer, args, pairs, law_setters):
-    """Yields KL vs dense and achieved sparsity per (law, target pair); law_setters: name → writes that law."""
+def _kl_rows(model, sites, tokenizer, args, pairs, law_writers):
+    """Yields KL vs dense and achieved sparsity per (law, target pair); law_writers: name → one of ``law_writer``."""
     ids = _kl_text(tokenizer, args.kl_length).to(args.device)
     _set_mode(sites, None)
     dense = _log_probs(model, ids, args.kl_decode)
-    for mode, write in law_setters.items():
-        write()
+    for mode, write in law_writers.items():
         for pair in pairs:
-            _set_mode(sites, pair)
+            _set_mode(sites, pair, write)
             kl = _kl(dense, _log_probs(model, ids, args.kl_decode), args.kl_decode)
             row = {"law": mode, "targets": list(pair), **kl, "achieved": _achieved(sites)}
             logging.info("KL %s", row)
@@ -219,6 +217,26 @@ def saved_laws(run: SavedRun, names: list[str], cfg: CalibrationConfig = PRESET)
     """The laws ``calibrate`` with ``cfg`` writes, refitted from an earlier run's measured passes (the fit is
     deterministic: with that run's config, these are its laws)."""
     return laws_from_passes(run.passes, run.trials, run.targets, names, cfg)
+
+
+def law_writer(sites, run: SavedRun, cfg: CalibrationConfig, adjust=None):
+    """``write(targets)``: writes into ``sites`` the laws ``calibrate`` with ``cfg`` gives for the (prefill, decode)
+    ``targets``, refitted from ``run``'s passes. Calibrated once at ``run``'s targets and moved by ``set_target``,
+    as a user would move them; with per-length offsets, calibrated at ``targets`` themselves, as the offsets are
+    fitted at the target. ``adjust(fits)``: a change to the fitted laws (``--spare``)."""
+    names = list(sites)
+
+    @functools.cache
+    def fitted(targets: tuple[float, float]) -> FittedLaws:
+        at = {"prefill": targets[0], "decode": targets[1]} if cfg.length_offsets else run.targets
+        fits = saved_laws(dataclasses.replace(run, targets=at), names, cfg)
+        return adjust(fits) if adjust else fits
+
+    def write(targets: tuple[float, float]) -> None:
+        fits = fitted(tuple(targets) if cfg.length_offsets else None)
+        write_laws(sites, fits.laws, fits.site_laws, {"prefill": targets[0], "decode": targets[1]})
+
+    return write
 
 
 def law_variants(weights, caps, exponents, matches, offsets=(0,)) -> dict[str, CalibrationConfig]:
@@ -339,38 +357,29 @@ def main() -> None:
         numbers = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
         variants = law_variants(numbers(args.site_weights), numbers(args.caps), numbers(args.exponents),
                                 numbers(args.match), numbers(args.offsets))
-        fitted = {name: saved_laws(saved_run, list(sites), cfg) for name, cfg in variants.items()}
+        adjust = None
         if args.spare:
-            fitted = {f"{name} spare {args.spare}": fits._replace(
+            adjust = lambda fits: fits._replace(  # noqa: E731
                 site_laws=_spared(fits.site_laws, saved_run.passes, saved_run.trials, args.spare))
-                for name, fits in fitted.items()}
-        setters = {name: functools.partial(write_laws, sites, fits.laws, fits.site_laws, 0.5)
-                   for name, fits in fitted.items()}
-        results["law"] = ", ".join(setters)
+        writers = {name + (f" spare {args.spare}" if args.spare else ""): law_writer(sites, saved_run, cfg, adjust)
+                   for name, cfg in variants.items()}
+        results["law"] = ", ".join(writers)
         if args.laws_from and args.kl_length > 0 and pairs:
             with _timed(seconds, "kl"):
-                for row in _kl_rows(model, sites, tokenizer, args, pairs, setters):
+                for row in _kl_rows(model, sites, tokenizer, args, pairs, writers):
                     results["kl"].append(row)
                     save()
-        niah_setters = setters if len(setters) > 1 else None  # one law: rows unlabelled, as before
-        next(iter(setters.values()))()
+        first = next(iter(writers.values()))
+        first(_pair("0.5"))
         results["heldout"] = {}
         if args.laws_from_heldout:
-            first = next(iter(variants.values()))
-
-            def refit(target: float) -> None:
-                run = dataclasses.replace(saved_run, targets={"prefill": target, "decode": target})
-                fits = saved_laws(run, list(sites), first)
-                write_laws(sites, fits.laws, fits.site_laws, {"prefill": target, "decode": target})
-
             with _timed(seconds, "heldout"):
-                for target, rows in _heldout_rows(model, sites, tokenizer, args,
-                                                  refit=refit if first.length_offsets else None):
+                for target, rows in _heldout_rows(model, sites, tokenizer, args, write_law=first):
                     results["heldout"][target] = rows
                     save()
         with _timed(seconds, "niah"):
             for row in _niah(model, tokenizer, sites, lengths, prompts, pairs, dense=args.niah_dense,
-                             law_setters=niah_setters):
+                             law_writers=writers if len(writers) > 1 else {"": first}):  # one law: rows unlabelled
                 results["niah"].append(row)
                 save()
         return
@@ -386,32 +395,28 @@ def main() -> None:
     logging.info("\n%s", calibration.format())
     save()
 
+    # -- the calibrated laws next to the same calibration with other pooling weights (refitted from the same
+    #    passes): held-out sparsity per target, KL vs dense and achieved sparsity on essay text per target pair --
+    saved_run = SavedRun(calibration.passes, calibration.trials, cfg.target_sparse_ratio.to_dict())
+    variants = {"calibrated": cfg,
+                **law_variants([1.0, 0.0], [0.0], [cfg.fit_length_exponent], [cfg.match_length_bins],
+                               [cfg.length_offsets])}
+    writers = {name: law_writer(sites, saved_run, variant) for name, variant in variants.items()}
     results["heldout"] = {}
     with _timed(seconds, "heldout"):
-        for target, rows in _heldout_rows(model, sites, tokenizer, args, calibration.heldout):
+        for target, rows in _heldout_rows(model, sites, tokenizer, args, calibration.heldout, writers["calibrated"]):
             results["heldout"][target] = rows
             save()
 
-    cfg_targets = cfg.target_sparse_ratio.to_dict()
-    # -- the calibrated laws next to the same calibration with other pooling weights, per target pair: KL vs
-    #    dense and achieved sparsity on essay text (refitted from the same passes) --
-    calibrated_site_laws = calibration.site_laws if cfg.per_site else {}
     results["kl"] = []
     if args.kl_length > 0 and pairs:
-        saved_run = SavedRun(calibration.passes, calibration.trials, cfg_targets)
-        variants = {"calibrated": cfg,
-                    **law_variants([1.0, 0.0], [0.0], [cfg.fit_length_exponent], [cfg.match_length_bins])}
-        fitted = {name: saved_laws(saved_run, list(sites), variant) for name, variant in variants.items()}
-        setters = {name: functools.partial(write_laws, sites, fits.laws, fits.site_laws, cfg_targets)
-                   for name, fits in fitted.items()}
         with _timed(seconds, "kl"):
-            for row in _kl_rows(model, sites, tokenizer, args, pairs, setters):
+            for row in _kl_rows(model, sites, tokenizer, args, pairs, writers):
                 results["kl"].append(row)
                 save()
-    write_laws(sites, calibration.laws, calibrated_site_laws, cfg_targets)  # NIAH: as calibrated
 
-    with _timed(seconds, "niah"):
-        for row in _niah(model, tokenizer, sites, lengths, prompts, pairs):
+    with _timed(seconds, "niah"):  # the calibrated law, refitted at each pair as ``law_writer`` says
+        for row in _niah(model, tokenizer, sites, lengths, prompts, pairs, law_writers={"": writers["calibrated"]}):
             results["niah"].append(row)
             save()
     results["total_s"] = time.perf_counter() - start

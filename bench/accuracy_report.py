@@ -98,7 +98,8 @@ def main(path: str, *niah_paths: str) -> None:
         sections.append(calibration_table(results))
     if results.get("heldout"):  # absent when the laws came from an earlier run
         sections += [
-            ["Held-out check (samples not used for the fit; the law's target set with `set_target`, no recalibration):"],
+            ["Held-out check (samples not used for the fit; at each target, laws with per-length offsets are refitted "
+             "there from the same measured passes, others are moved there with `set_target`):"],
             heldout_table(results),
         ]
     if results.get("kl"):

@@ -67,7 +67,7 @@ def main() -> None:
 
     model, tokenizer, sites = sparse_smollm2()
     cfg = dataclasses.replace(PRESET, per_site_weight=args.site_weight, per_site_cap=None, fit_length_exponent=False,
-                              match_length_bins=False)  # the laws this measurement was made with (bench/ACCURACY.md)
+                              match_length_bins=False, length_offsets=False)  # the laws this measurement was made with (bench/ACCURACY.md)
     fitted = saved_laws(SavedRun.load(args.laws_from), list(sites), cfg)
     write_laws(sites, fitted.laws, fitted.site_laws, 0.5)
     ids = _kl_text(tokenizer, args.length)[0].tolist()

@@ -62,19 +62,23 @@ def achieved(passes, trials, laws, phase, target):
 def heldout_table(saved: SavedRun, heldout) -> None:
     """Held-out sparsity per bin of ``SKIP_SOFTMAX_CALIB``'s laws refitted from ``saved``'s passes, of the same
     calibration with each of its steps (per-site cap, fitted length exponent, bin matching) off, and with the
-    per-length offsets on (``length_offsets``: fitted at the target itself, so calibrated at each target in turn;
-    the others are fitted at the run's targets and moved to each target as ``set_target`` does)."""
+    per-length offsets on (``length_offsets``: fitted at the target itself, so calibrated at each target in turn,
+    and once more calibrated at the run's targets and moved, offsets and all; the others are fitted at the run's
+    targets and moved to each target as ``set_target`` does)."""
     names = [f"site {i}" for i in range(len(saved.passes[0].valid))]
     print("| law | phase | target | held-out sparsity per bin | within ±5 |")
     print("|---|---|---|---|---|")
     variants = law_variants([PRESET.per_site_weight], [PRESET.per_site_cap, 0.0], [1, 0], [1, 0])
     default = next(iter(variants))
-    variants = {f"{default} + length offsets": dataclasses.replace(variants[default], length_offsets=True), **variants}
-    for name, cfg in variants.items():
+    with_offsets = dataclasses.replace(variants[default], length_offsets=True)
+    variants = {f"{default} + length offsets": (with_offsets, True),
+                f"{default} + length offsets, moved by set_target": (with_offsets, False),
+                **{name: (cfg, False) for name, cfg in variants.items()}}
+    for name, (cfg, at_each_target) in variants.items():
         within, fits = {}, {}
         for phase in ("prefill", "decode"):
             for target in TARGETS:
-                key = target if cfg.length_offsets else None
+                key = target if at_each_target else None
                 if key not in fits:
                     run = dataclasses.replace(saved, targets={"prefill": target, "decode": target}) if key else saved
                     fits[key] = saved_laws(run, names, cfg)
