@@ -1,5 +1,8 @@
 """SparseSite buffers: shapes per collect_stats, measuring mode restore, and dtype casts."""
 
+import warnings
+
+import pytest
 import torch
 
 from fxsparse.config import SiteConfig
@@ -75,3 +78,17 @@ def test_dense_block_runs_as_disabled_and_restores_each_phase_flag():
     site.set_threshold(0.0)  # λ = 0 never skips: the independent dense result
     torch.testing.assert_close(dense, _attend(site, q, k, v), rtol=0, atol=0)
     assert not torch.allclose(dense, sparse)
+
+
+def test_set_target_warns_only_when_it_moves_a_law_with_length_offsets():
+    site = SparseSite("m.attn", SiteConfig())
+    offsets = [0.5, -0.2, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0]
+    site.set_law({"prefill": {"a": 2.0, "b": 3.0, "offsets": offsets}, "decode": {"a": 1.0, "b": 2.0}}, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        site.set_target(0.5)  # the calibrated target: the offsets still hold
+        site.set_target({"prefill": 0.5, "decode": 0.7})  # decode has no offsets
+    with pytest.warns(UserWarning, match="offsets of the prefill law were fitted at the calibrated target"):
+        site.set_target(0.7)
+    assert site.law()["prefill"]["target"] == pytest.approx(0.7)
+    assert site.law()["prefill"]["offsets"] == pytest.approx(offsets)  # kept, not dropped
