@@ -118,9 +118,9 @@ class CalibrationConfig:
             that each length bin's mean sparsity on the calibration data equals it, interpolated in log2 L
             between the bins (``calibrate.fit_length_offsets``; 8 knots, 1k…128k tokens, in the threshold
             state). The smooth law misses a short bin near its ceiling (at 1k every query tile keeps its first
-            key tile); on SmolLM2's held-out counts the offsets bring the prefill cells from 11 to 12 of 12 when
-            calibrated at each target. A law moved to another target with ``set_target`` keeps the offsets fitted
-            at the first. Off until measured with real skipping and NIAH (bench/ACCURACY.md).
+            key tile). On SmolLM2 with real skipping it brought the held-out prefill cells within ±5 points from
+            10 to 12 of 12, with NIAH at dense's counts at 2k and 4k (H200; bench/ACCURACY.md). A law moved to
+            another target with ``set_target`` keeps the offsets fitted at the first (a warning says so).
         refit_while_skipping: after the first fit, measure the samples again with every site skipping at its
             fitted law (at the target) and fit again from those counts. The first pass runs dense, so each site
             counts on the inputs of a dense model; sparse earlier layers make later layers' scores flatter, and
@@ -143,7 +143,7 @@ class CalibrationConfig:
     per_site_cap: float | None = 1.15
     fit_length_exponent: bool = True
     match_length_bins: bool = True
-    length_offsets: bool = False
+    length_offsets: bool = True
     refit_while_skipping: bool = False
     heldout_samples: int = 8
     seed: int = 1234

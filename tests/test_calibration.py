@@ -13,7 +13,7 @@ import torch
 
 import fxsparse
 from calibration_fixtures import essays, essays_folder, private_cache, tokenizer  # noqa: F401 (fixtures)
-from fxsparse.calibration.calibrate import cap_site_laws, fit_laws, match_length_bins
+from fxsparse.calibration.calibrate import cap_site_laws, fit_laws, fit_length_offsets, match_length_bins
 from fxsparse.calibration.fit import tiles_skipped
 from fxsparse.calibration.measure import Recorder, run_sample, trial_grid
 from fxsparse.ops.threshold import A, B, P, TARGET, make_threshold_state
@@ -123,7 +123,7 @@ def test_per_site_laws_differ_and_are_written(tokenizer, essays):
     assert "capped at 1.15x the target" in text and result.per_site_cap == 1.15
     # the written laws are the sites' own fits (length exponent fitted) pooled with the default weight,
     # refitted from the same passes, then capped: no site sparser than 1.15x the target on the passes, the
-    # mean at the target; then matched to the length bins
+    # mean at the target; then matched to the length bins; then offset per length so each bin is at the target
     laws, pooled, _ = fit_laws(result.passes, result.trials, result.targets, list(sites), 0.5, fit_exponent=True)
     capped, held, _ = cap_site_laws(pooled, result.passes, result.trials, result.targets, 1.15)
     assert held == result.capped and result.to_dict()["capped"] == held
@@ -131,9 +131,11 @@ def test_per_site_laws_differ_and_are_written(tokenizer, essays):
         skipped, valid = tiles_skipped(result.passes, phase, result.trials, [capped[n][phase] for n in sites], target)
         assert skipped.sum() / valid.sum() == pytest.approx(target, abs=0.01)
         assert (skipped / valid <= 1.15 * target + 0.01).all()
-    _, matched, corrections = match_length_bins(laws, capped, list(sites), result.passes, result.trials, True)
-    assert matched == result.site_laws and corrections == result.bin_corrections
-    assert "matched to the length bins" in text
+    laws, matched, corrections = match_length_bins(laws, capped, list(sites), result.passes, result.trials, True)
+    assert corrections == result.bin_corrections and "matched to the length bins" in text
+    _, offset = fit_length_offsets(laws, matched, list(sites), result.passes, result.trials, result.targets)
+    assert offset == result.site_laws and "per-length offsets of ln λ" in text
+    assert any(law.offsets for laws in result.site_laws.values() for law in laws.values())
 
 
 def test_forward_loop_measures_user_data_and_warns_for_unmeasured_decode(tokenizer):
