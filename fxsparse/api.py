@@ -212,7 +212,8 @@ def set_threshold(model: nn.Module, threshold: float | Mapping[str, float], patt
 
 
 def set_target_sparsity(model: nn.Module, target: float | Mapping[str, float], pattern: str = "*") -> None:
-    """New target sparsity S for calibrated sites: λ = a·exp(b·S)/L^p, no recalibration."""
+    """New target sparsity S for calibrated sites: λ = a·exp(b·S + o(L))/L^p, no recalibration (per-length offsets
+    o(L) stay those fitted at the calibrated target, which warns)."""
     sites = _sites(model, pattern)
     uncalibrated = [site.name for site in sites if site.law() is None]
     if uncalibrated:
@@ -267,7 +268,8 @@ def _describe_threshold(info: dict) -> str:
         if phase in law:
             fit = law[phase]
             length = "L" if fit["p"] == 1.0 else f"L^{fit['p']:.3g}"
-            parts.append(f"{phase[0]}: {fit['a']:.3g}·exp({fit['b']:.3g}·{fit['target']:.2f})/{length}")
+            offsets = " + o(L)" if fit.get("offsets") else ""  # the per-length correction (calibration's step 6)
+            parts.append(f"{phase[0]}: {fit['a']:.3g}·exp({fit['b']:.3g}·{fit['target']:.2f}{offsets})/{length}")
         else:
             parts.append(f"{phase[0]}: λ={fixed[phase]:.3g}")
     return ", ".join(parts)

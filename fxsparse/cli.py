@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     sparse = parser.add_argument_group("sparsity")
     sparse.add_argument("--sparse_attn", choices=("skip_softmax", "skip_softmax_calib"), default=None,
                         help="skip_softmax: fixed thresholds (prefill 1e-3, decode 1e-4); skip_softmax_calib: "
-                             "calibrate λ = a·exp(b·S)/L^p. Default: the sparsity recorded in the checkpoint "
+                             "calibrate λ = a·exp(b·S + o(L))/L^p. Default: the sparsity recorded in the checkpoint "
                              "(an fxsparse export), else skip_softmax")
     sparse.add_argument("--attn_pattern", default=None, metavar="PATTERN",
                         help="which attention sites the preset sparsifies: fnmatch'd against the attention module "
@@ -221,7 +221,7 @@ def _config(args: argparse.Namespace, recorded) -> tuple[dict[str, Any], dict[st
     else:
         config = copy.deepcopy(SKIP_SOFTMAX_CALIB if mode == "skip_softmax_calib" else SKIP_SOFTMAX_DEFAULT)
         what = ("skip_softmax with fixed thresholds (prefill λ=1e-3, decode λ=1e-4)" if mode == "skip_softmax"
-                else "skip_softmax_calib: calibrated λ = a·exp(b·S)/L^p per phase")
+                else "skip_softmax_calib: calibrated λ = a·exp(b·S + o(L))/L^p per phase")
         if args.attn_pattern is not None:
             config["sparse_cfg"][args.attn_pattern] = config["sparse_cfg"].pop(ATTENTION_PATTERN)
             what += f" on the sites matching {args.attn_pattern!r}"
