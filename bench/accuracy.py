@@ -227,9 +227,10 @@ def law_writer(sites, run: SavedRun, cfg: CalibrationConfig, adjust=None):
     names = list(sites)
 
     @functools.cache
-    def fitted(targets: tuple[float, float]) -> FittedLaws:
-        at = {"prefill": targets[0], "decode": targets[1]} if cfg.length_offsets else run.targets
-        fits = saved_laws(dataclasses.replace(run, targets=at), names, cfg)
+    def fitted(at: tuple[float, float] | None) -> FittedLaws:
+        """Calibrated at the (prefill, decode) targets ``at``; None: at ``run``'s."""
+        targets = run.targets if at is None else {"prefill": at[0], "decode": at[1]}
+        fits = saved_laws(dataclasses.replace(run, targets=targets), names, cfg)
         return adjust(fits) if adjust else fits
 
     def write(targets: tuple[float, float]) -> None:

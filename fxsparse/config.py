@@ -85,7 +85,7 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """How to calibrate λ = a·exp(b·S)/L^p per phase.
+    """How to calibrate λ = a·exp(b·S + o(L))/L^p per phase.
 
     Args:
         target_sparse_ratio: target tile sparsity S per phase, in [0, 0.99].
@@ -361,5 +361,5 @@ SKIP_SOFTMAX_CALIB: dict[str, Any] = {
         "default": {"enable": False},
     }
 }
-"""Calibrated thresholds for a target sparsity S = 0.5: λ = a·exp(b·S)/L^p per phase and per site (pooled toward
-the model-wide law, capped, matched to the length bins; ``CalibrationConfig``'s defaults)."""
+"""Calibrated thresholds for a target sparsity S = 0.5: λ = a·exp(b·S + o(L))/L^p per phase and per site (pooled
+toward the model-wide law, capped, matched to the length bins, offset per length; ``CalibrationConfig``'s defaults)."""

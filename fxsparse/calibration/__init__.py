@@ -1,4 +1,5 @@
-"""Calibration of the skip-softmax threshold law λ = a·exp(b·S)/L^p (SPEC §5; p = 1 unless fitted).
+"""Calibration of the skip-softmax threshold law λ = a·exp(b·S + o(L))/L^p (SPEC §5; p = 1 and o = 0 unless
+fitted).
 
 ``samples`` builds RULER-style prompts, ``measure`` counts skippable tiles for a whole grid of trial
 thresholds in one pass (dense, or skipping at fitted laws), ``fit`` fits the law, and ``calibrate`` ties them together (per-site

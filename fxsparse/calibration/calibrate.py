@@ -345,9 +345,9 @@ def calibrate(
     tokenizer=None,
     trials: torch.Tensor | None = None,
 ) -> CalibrationResult:
-    """Fit ``λ = a·exp(b·S)/L^p`` per phase (and per site when ``per_site``, capped with ``per_site_cap``),
-    match it to the length bins' mean sparsity (``match_length_bins``) and write it into the sites; with
-    ``refit_while_skipping``, measure again with the sites skipping at those laws and fit again.
+    """Fit ``λ = a·exp(b·S + o(L))/L^p`` per phase (and per site when ``per_site``, capped with ``per_site_cap``),
+    match it to the length bins' mean sparsity (``match_length_bins``, then ``length_offsets``) and write it into
+    the sites; with ``refit_while_skipping``, measure again with the sites skipping at those laws and fit again.
 
     Args:
         model: a model rewritten by ``fxsparse.sparsify`` (its ``SparseSite`` modules are found by
