@@ -219,22 +219,28 @@ def saved_laws(run: SavedRun, names: list[str], cfg: CalibrationConfig = PRESET)
     return laws_from_passes(run.passes, run.trials, run.targets, names, cfg)
 
 
-def law_writer(sites, run: SavedRun, cfg: CalibrationConfig, adjust=None):
-    """``write(targets)``: writes into ``sites`` the laws ``calibrate`` with ``cfg`` gives for the (prefill, decode)
-    ``targets``, refitted from ``run``'s passes. Calibrated once at ``run``'s targets and moved by ``set_target``,
-    as a user would move them; with per-length offsets, calibrated at ``targets`` themselves, as the offsets are
-    fitted at the target. ``adjust(fits)``: a change to the fitted laws (``--spare``)."""
-    names = list(sites)
+def laws_for_targets(run: SavedRun, names: list[str], cfg: CalibrationConfig, at_each_target: bool, adjust=None):
+    """``fitted(targets)``: the laws ``calibrate`` with ``cfg`` writes for the (prefill, decode) ``targets``, refitted
+    from ``run``'s passes (cached). ``at_each_target``: calibrated at ``targets`` themselves; else once at ``run``'s
+    targets, for ``set_target`` to move. ``adjust(fits)``: a change to the fitted laws (``--spare``)."""
 
     @functools.cache
-    def fitted(at: tuple[float, float] | None) -> FittedLaws:
-        """Calibrated at the (prefill, decode) targets ``at``; None: at ``run``'s."""
+    def fitted_at(at: tuple[float, float] | None) -> FittedLaws:
         targets = run.targets if at is None else {"prefill": at[0], "decode": at[1]}
         fits = saved_laws(dataclasses.replace(run, targets=targets), names, cfg)
         return adjust(fits) if adjust else fits
 
+    return lambda targets: fitted_at(tuple(targets) if at_each_target else None)
+
+
+def law_writer(sites, run: SavedRun, cfg: CalibrationConfig, adjust=None):
+    """``write(targets)``: writes into ``sites`` the laws calibrated for the (prefill, decode) ``targets``
+    (``laws_for_targets``): calibrated once and moved by ``set_target``, as a user would move them; with per-length
+    offsets, calibrated at ``targets`` themselves, as the offsets are fitted at the target."""
+    fitted = laws_for_targets(run, list(sites), cfg, cfg.length_offsets, adjust)
+
     def write(targets: tuple[float, float]) -> None:
-        fits = fitted(tuple(targets) if cfg.length_offsets else None)
+        fits = fitted(targets)
         write_laws(sites, fits.laws, fits.site_laws, {"prefill": targets[0], "decode": targets[1]})
 
     return write
@@ -371,7 +377,6 @@ def main() -> None:
                     results["kl"].append(row)
                     save()
         first = next(iter(writers.values()))
-        first(_pair("0.5"))
         results["heldout"] = {}
         if args.laws_from_heldout:
             with _timed(seconds, "heldout"):

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from bench.accuracy import PRESET, SavedRun, law_variants, saved_laws
+from bench.accuracy import PRESET, SavedRun, law_variants, laws_for_targets
 from fxsparse.calibration.fit import LawFit, length_bins_of, mean_sparsity, passes_by_bin
 
 TARGETS = (0.3, 0.5, 0.7)
@@ -75,14 +75,10 @@ def heldout_table(saved: SavedRun, heldout) -> None:
                 f"{default} + length offsets, moved by set_target": (with_offsets, False),
                 **{name: (cfg, False) for name, cfg in variants.items()}}
     for name, (cfg, at_each_target) in variants.items():
-        within, fits = {}, {}
+        within, fits = {}, laws_for_targets(saved, names, cfg, at_each_target)
         for phase in ("prefill", "decode"):
             for target in TARGETS:
-                key = target if at_each_target else None
-                if key not in fits:
-                    run = dataclasses.replace(saved, targets={"prefill": target, "decode": target}) if key else saved
-                    fits[key] = saved_laws(run, names, cfg)
-                fitted = fits[key]
+                fitted = fits((target, target))
                 chosen = [fitted.site_laws[site][phase] for site in names]
                 reached = achieved(heldout, saved.trials, chosen, phase, target)
                 close = [abs(s - target) <= 0.05 for s in reached.values()]

@@ -87,7 +87,7 @@ class SparseSite(nn.Module):
             if not params["a"] > 0:
                 raise ValueError(f"{self.name}: law 'a' must be > 0 for {phase}, got {params['a']}")
             write_law(self.threshold_state[row], params)
-        self._write_target(target)
+        self._write_target(PhaseValues.parse(target, f"{self.name}.target_sparse_ratio", 0.0, 0.99))
 
     def set_target(self, target: float | Mapping[str, float]) -> None:
         """Change the target sparsity S of the calibrated law; no recalibration needed. A law with per-length
@@ -103,8 +103,7 @@ class SparseSite(nn.Module):
                           "calibrated target and do not follow a new one (held-out length bins can move by a few "
                           "points); calibrate at the new target to fit them there", stacklevel=2)
 
-    def _write_target(self, target: float | Mapping[str, float] | PhaseValues) -> None:
-        values = PhaseValues.parse(target, f"{self.name}.target_sparse_ratio", 0.0, 0.99)
+    def _write_target(self, values: PhaseValues) -> None:
         for phase, row in PHASE_ROWS.items():
             self.threshold_state[row, TARGET] = getattr(values, phase)
 
