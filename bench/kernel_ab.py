@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/kernel_ab.py check --base 3e2595b     # outputs, stats, decisions: bit-identical?
     PYTHONPATH=. python bench/kernel_ab.py bench --base 3e2595b     # times at 8k-32k, each kernel twice, interleaved
+    PYTHONPATH=. python bench/kernel_ab.py check --base 3e2595b --head-dims 128 --lengths 2500   # fewer cases
 
 The base kernel is ``fxsparse/ops/gluon_prefill.py`` as of the revision ``--base``, or the kernel file it names,
 loaded beside the working tree's. The kernels compared with it are the working tree's, or those ``--variants`` names
@@ -92,11 +93,11 @@ def run(kernel, q, k, v, lam, causal, record=False):
     return out, stats, decisions
 
 
-def check(kernels):
+def check(kernels, head_dims, lengths):
     """Ragged lengths (an odd and an even number of key tiles), GQA, Lq < Lk, Lq > Lk, non-causal, λ from 0 to 3."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for d in (128, 64):
-        for n in (2500, 2432, 300, 129):
+    for d in head_dims:
+        for n in lengths:
             q = (torch.randn(2, 8, n, d, generator=gen, device="cuda") * 2.5).bfloat16()  # gaps of several nats
             k = torch.randn(2, 2, n, d, generator=gen, device="cuda").bfloat16()
             v = torch.randn(2, 2, n, d, generator=gen, device="cuda").bfloat16()
@@ -116,13 +117,13 @@ def check(kernels):
                           flush=True)
 
 
-def bench(kernels):
+def bench(kernels, lengths):
     """bench/test_prefill.py's case (its shape, inputs and λ per target) and its timing (``cuda_ms``, through the
     public op); cuDNN SDPA (GQA expanded), the yardstick."""
     from bench.conftest import cuda_ms
     from bench.test_prefill import HKV, HQ, TARGETS, _case
 
-    for seq_len in (8192, 16384, 32768):
+    for seq_len in lengths:
         q, k, v, lambdas = _case(seq_len)
         k_full, v_full = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -144,6 +145,9 @@ def main():
     parser.add_argument("--base", required=True, help="the kernel to compare against: a git revision or a file")
     parser.add_argument("--variants", nargs="*", default=[],
                         help="kernels compared with it (revisions or files); default: the working tree's")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], help="check's head dims")
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        help="sequence lengths (default: check 2500 2432 300 129, bench 8192 16384 32768)")
     args = parser.parse_args()
     if triton_attention.gluon_prefill_launch is None or not torch.cuda.is_available():
         sys.exit("the Gluon prefill kernel needs a Hopper GPU and Triton 3.6")
@@ -153,7 +157,10 @@ def main():
         kernels[name] = kernel_at(where, name)
     if not args.variants:
         kernels["new"] = triton_attention.gluon_prefill_launch
-    (check if args.mode == "check" else bench)(kernels)
+    if args.mode == "check":
+        check(kernels, args.head_dims, args.lengths or [2500, 2432, 300, 129])
+    else:
+        bench(kernels, args.lengths or [8192, 16384, 32768])
 
 
 if __name__ == "__main__":
