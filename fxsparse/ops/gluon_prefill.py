@@ -17,9 +17,9 @@ voted (its V on the way if it is kept) and S_{j+1} = Q·K_{j+1}ᵀ in flight::
 So a run of skipped tiles keeps the tensor cores on back-to-back QKᵀ products, and O's rescale waits for the
 next kept tile (a skipped tile moves the running max only when λ > 1). That is the source's order; in the SASS
 (ptxas of Triton 3.6) the wait for S_{j+1} rises above P_j's exps in three of the loop's four kept paths, so a kept
-tile mostly runs S_{j+1}, then P_j, then P_j·V_j. Queueing P_j·V_j before that wait makes the overlap real and
-changes nothing measurable: the H200 runs these kernels at its 700 W cap, where time follows energy per tile, not
-overlap (bench/RESULTS.md, twelfth session). Between one product's wait and the
+tile mostly runs S_{j+1}, then P_j, then P_j·V_j. Queueing P_j·V_j before that wait makes that overlap real and
+changes nothing measurable (time, clock, energy per call): the two warpgroups already overlap each other's products
+with their own exps (bench/RESULTS.md, eighth and twelfth sessions). Between one product's wait and the
 next one's queueing nothing else runs: K is awaited a step ahead (Triton's CTA barrier before an mbarrier
 wait then falls while a product runs), and the loop takes two steps a turn, so that the scores voted on and
 the product in flight trade registers instead of copying S. The vote itself takes one warp vote and one
