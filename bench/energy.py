@@ -4,8 +4,7 @@ Every prefill benchmark on the H200 runs at the board's power cap (~690 of 700 W
 "SW power cap"), with the SM clock moving between ~1.6 and ~1.9 GHz. There a kernel's time is its energy per call
 divided by the cap, so an instruction reordering that only overlaps work can leave the time unchanged, and the
 way to go faster is less energy per tile. This runs each implementation of ``bench/test_prefill.py`` back to back for
-a few seconds, twice in turn (to show drift), and reads NVML's energy counter around each run, through ctypes
-(no pynvml needed)::
+a few seconds, twice in turn (to show drift), and reads NVML's energy counter around each run::
 
     PYTHONPATH=. python bench/energy.py --lengths 16384 32768 > energy.jsonl
 
@@ -15,7 +14,6 @@ One JSON line per (length, implementation, round): ms per call, J per call, mean
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import threading
@@ -23,46 +21,25 @@ import time
 
 import torch
 
-NVML_CLOCK_SM = 1
+
+def energy_counter():
+    """Reads the board's energy counter (mJ) of CUDA's device 0, through NVML: the pynvml that
+    ``torch.cuda.clock_rate`` and ``torch.cuda.power_draw`` read through (as ``bench/tile_costs.py`` does)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    index = int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0)
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
 
 
-class Nvml:
-    """The few NVML calls this needs, on the GPU CUDA calls device 0."""
-
-    def __init__(self):
-        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
-        self._check(self.lib.nvmlInit_v2())
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-        self.handle = ctypes.c_void_p()
-        self._check(self.lib.nvmlDeviceGetHandleByIndex_v2(int(visible or 0), ctypes.byref(self.handle)))
-
-    @staticmethod
-    def _check(status):
-        if status != 0:
-            raise RuntimeError(f"NVML call failed with status {status}")
-
-    def _read(self, fn, *args, kind=ctypes.c_uint):
-        value = kind()
-        self._check(fn(self.handle, *args, ctypes.byref(value)))
-        return value.value
-
-    def energy_mj(self) -> int:
-        return self._read(self.lib.nvmlDeviceGetTotalEnergyConsumption, kind=ctypes.c_ulonglong)
-
-    def sm_mhz(self) -> int:
-        return self._read(self.lib.nvmlDeviceGetClockInfo, NVML_CLOCK_SM)
-
-    def watts(self) -> float:
-        return self._read(self.lib.nvmlDeviceGetPowerUsage) / 1000
-
-
-def measure(nvml: Nvml, call, seconds: float) -> dict:
-    """Run ``call`` back to back for about ``seconds``; NVML sampled every 50 ms meanwhile."""
+def measure(energy_mj, call, seconds: float) -> dict:
+    """Run ``call`` back to back for about ``seconds``; SM clock and power sampled every 50 ms meanwhile."""
     samples, done = [], threading.Event()
 
     def sample():
         while not done.wait(0.05):
-            samples.append((nvml.sm_mhz(), nvml.watts()))
+            samples.append((torch.cuda.clock_rate(), torch.cuda.power_draw() / 1000))
 
     for _ in range(3):  # warm
         call()
@@ -73,11 +50,11 @@ def measure(nvml: Nvml, call, seconds: float) -> dict:
     calls = max(10, int(seconds / (time.perf_counter() - t)))
     sampler = threading.Thread(target=sample)
     sampler.start()
-    energy, t0 = nvml.energy_mj(), time.perf_counter()
+    energy, t0 = energy_mj(), time.perf_counter()
     for _ in range(calls):
         call()
     torch.cuda.synchronize()
-    elapsed, joules = time.perf_counter() - t0, (nvml.energy_mj() - energy) / 1000
+    elapsed, joules = time.perf_counter() - t0, (energy_mj() - energy) / 1000
     done.set()
     sampler.join()
     clocks, watts = zip(*samples) if samples else ((0,), (0,))
@@ -95,14 +72,14 @@ def main():
     parser.add_argument("--seconds", type=float, default=3.0, help="per implementation and round")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    nvml = Nvml()
+    energy_mj = energy_counter()
     for seq_len in args.lengths:
         q, k, v, lambdas = _case(seq_len)
         runners = {impl: _runner(impl, q, k, v, lambdas) for impl in args.impls}
         for round_ in range(args.rounds):
             for impl, (call, lam, sparsity) in runners.items():
                 row = dict(L=seq_len, impl=impl, round=round_, lam=lam, sparsity=sparsity)
-                row.update(measure(nvml, call, args.seconds))
+                row.update(measure(energy_mj, call, args.seconds))
                 print(json.dumps(row), flush=True)
 
 

@@ -32,6 +32,8 @@ from fxsparse.ops import skip_softmax_attention, triton_attention
 from fxsparse.ops.threshold import make_threshold_state, phase_of
 
 KERNEL_PATH = "fxsparse/ops/gluon_prefill.py"
+CHECK_LENGTHS = [2500, 2432, 300, 129]
+BENCH_LENGTHS = [8192, 16384, 32768]
 
 
 def kernel_at(where: str, name: str):
@@ -147,7 +149,7 @@ def main():
                         help="kernels compared with it (revisions or files); default: the working tree's")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], help="check's head dims")
     parser.add_argument("--lengths", type=int, nargs="+",
-                        help="sequence lengths (default: check 2500 2432 300 129, bench 8192 16384 32768)")
+                        help=f"sequence lengths (default: check {CHECK_LENGTHS}, bench {BENCH_LENGTHS})")
     args = parser.parse_args()
     if triton_attention.gluon_prefill_launch is None or not torch.cuda.is_available():
         sys.exit("the Gluon prefill kernel needs a Hopper GPU and Triton 3.6")
@@ -158,9 +160,9 @@ def main():
     if not args.variants:
         kernels["new"] = triton_attention.gluon_prefill_launch
     if args.mode == "check":
-        check(kernels, args.head_dims, args.lengths or [2500, 2432, 300, 129])
+        check(kernels, args.head_dims, args.lengths or CHECK_LENGTHS)
     else:
-        bench(kernels, args.lengths or [8192, 16384, 32768])
+        bench(kernels, args.lengths or BENCH_LENGTHS)
 
 
 if __name__ == "__main__":

@@ -87,13 +87,13 @@ class SparseSite(nn.Module):
             if not params["a"] > 0:
                 raise ValueError(f"{self.name}: law 'a' must be > 0 for {phase}, got {params['a']}")
             write_law(self.threshold_state[row], params)
-        self._write_target(PhaseValues.parse(target, f"{self.name}.target_sparse_ratio", 0.0, 0.99))
+        self._write_target(self._parsed_target(target))
 
     def set_target(self, target: float | Mapping[str, float]) -> None:
         """Change the target sparsity S of the calibrated law; no recalibration needed. A law with per-length
         offsets keeps them, though they were fitted at the calibrated target: that warns (calibrating at the new
         target puts each length bin back on it)."""
-        values = PhaseValues.parse(target, f"{self.name}.target_sparse_ratio", 0.0, 0.99)
+        values = self._parsed_target(target)
         moved = [phase for phase, row in PHASE_ROWS.items() if self.threshold_state[row, OFFSET:].any()
                  and not math.isclose(float(self.threshold_state[row, TARGET]), getattr(values, phase),
                                       abs_tol=1e-6)]
@@ -102,6 +102,9 @@ class SparseSite(nn.Module):
             warnings.warn(f"new target sparsity: the per-length offsets of the {'/'.join(moved)} law were fitted at the "
                           "calibrated target and do not follow a new one (held-out length bins can move by a few "
                           "points); calibrate at the new target to fit them there", stacklevel=2)
+
+    def _parsed_target(self, target: float | Mapping[str, float]) -> PhaseValues:
+        return PhaseValues.parse(target, f"{self.name}.target_sparse_ratio", 0.0, 0.99)
 
     def _write_target(self, values: PhaseValues) -> None:
         for phase, row in PHASE_ROWS.items():
