@@ -23,7 +23,7 @@ from pathlib import Path
 OPS = Path(__file__).resolve().parent.parent / "fxsparse" / "ops"
 POINTERS = dict(
     q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", mask_ptr="*u8", kinds_ptr="*i8",
-    state_ptr="*fp32", trials_ptr="*fp32", stats_ptr="*i64", dec_ptr="*i8", scores_ptr="*fp32",
+    state_ptr="*fp32", trials_ptr="*fp32", stats_ptr="*i64", dec_ptr="*i8", scores_ptr="*fp16",
     tile_max_ptr="*fp32", part_acc_ptr="*fp32", part_l_ptr="*fp32", part_m_ptr="*fp32",
     keep_heads_ptr="*i32", kept_ptr="*i32",
 )
@@ -43,7 +43,7 @@ def descriptor_type(name, constexprs):
 CONSTEXPRS = dict(
     HEAD_DIM=128, VALUE_DIM=128, D_PAD=128, DV_PAD=128, BLOCK_M=128, BLOCK_N=128, BLOCK_G=16, BLOCK_T=1, T_PAD=2,
     IS_CAUSAL=True, MASK_KIND=0, COUNT_MODE=0, SKIP_V_LOAD=True, DEBUG=False, DOT_PRECISION="tf32",
-    USE_TMA=True, PREFIX_CHUNK=256, DECIDE_CHUNK=16, S_PAD=64, COUNT=False, num_warps=8,
+    USE_TMA=True, PREFIX_CHUNK=256, DECIDE_CHUNK=16, S_PAD=64, COUNT=False, PDL=True, SCORES_FP16=True, num_warps=8,
 )
 # (kernel, overrides of CONSTEXPRS, num_warps, num_stages): the launch configs the host code uses
 VARIANTS = [
@@ -54,6 +54,7 @@ VARIANTS = [
     ("decode_scores_kernel", dict(IS_CAUSAL=False), 4, 3),
     ("decode_attend_kernel", {}, 4, 3),
     ("decode_attend_kernel", dict(COUNT_MODE=2, T_PAD=64, DEBUG=True), 4, 3),
+    ("decode_attend_kernel", dict(PDL=False, SCORES_FP16=False), 4, 3),  # float32 inputs, before Hopper
     ("decode_scores_kernel", dict(BLOCK_G=4, BLOCK_T=4), 4, 3),  # a speculative step: 4 heads × 4 rows
     ("decode_attend_kernel", dict(BLOCK_G=4, BLOCK_T=4), 4, 3),
     ("decode_scores_kernel", dict(BLOCK_G=8, BLOCK_T=8, MASK_KIND=2), 8, 3),  # 64 rows

@@ -11,6 +11,9 @@ inputs with D = Dv in {64, 128}, 128×128 tiles and no explicit mask or trial gr
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 
@@ -58,7 +61,7 @@ def prefill_config(d_pad: int, block_m: int, block_n: int) -> tuple[int, int]:
 
 
 PREFILL_OVERRIDES: dict = {}  # bench/gpu_check.py sweeps: num_warps, num_stages, skip_v_load, tma; gluon (False: Triton kernel)
-DECODE_OVERRIDES: dict = {}  # for GPU sweeps: waves, num_stages (attend), scores_num_stages, min_tiles_per_split
+DECODE_OVERRIDES: dict = {}  # for GPU sweeps: waves, num_stages (attend), scores_num_stages, min_tiles_per_split, pdl
 
 
 def _pow2(n: int, floor: int = MIN_BLOCK) -> int:
@@ -278,6 +281,14 @@ def _num_sms(device) -> int:
     return NUM_SMS_FALLBACK
 
 
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device) -> bool:
+    """Programmatic dependent launch (sm_90 on): a kernel's programs start while the one before it drains, and
+    wait in ``gdc_wait`` for its writes. The interpreter cannot run that instruction: it takes the plain launch."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return device.type == "cuda" and not interpreted and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def decode_splits(num_programs: int, num_tiles: int, device) -> int:
     """Enough splits of the KV range for DECODE_WAVES programs per multiprocessor (they hide load latency).
 
@@ -306,7 +317,9 @@ def _launch_decode(q, k, v, out, attn_mask, is_causal, scale, bc, *, state, tria
     dummy = q.new_empty(1)
     f32 = dict(dtype=torch.float32, device=q.device)
     rows_shape = (batch, num_heads, query_len)
-    scores = torch.empty(*rows_shape, kv_len, **f32)
+    pdl = DECODE_OVERRIDES.get("pdl", True) and _has_pdl(q.device)
+    scores_fp16 = q.dtype != torch.float32  # s − m̃ in fp16 is exact enough for 16-bit inputs, and half the bytes
+    scores = torch.empty(*rows_shape, kv_len, dtype=torch.float16 if scores_fp16 else torch.float32, device=q.device)
     tile_max = torch.empty(*rows_shape, num_tiles, **f32)
     part_acc = torch.empty(*rows_shape, splits, dv_pad, **f32)
     part_l = torch.empty(*rows_shape, splits, **f32)
@@ -327,6 +340,7 @@ def _launch_decode(q, k, v, out, attn_mask, is_causal, scale, bc, *, state, tria
         num_kv_heads, group, query_len, kv_len, tiles_per_split, num_tiles, float(scale), mask_min,
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_N=block_n,
         IS_CAUSAL=bool(is_causal) and query_len > 1, MASK_KIND=mask_kind, DOT_PRECISION=precision,
+        PDL=pdl, SCORES_FP16=scores_fp16,
         num_warps=num_warps, num_stages=DECODE_OVERRIDES.get("scores_num_stages", 3),
     )
     dec = decisions_out if decisions_out is not None else dummy
@@ -341,10 +355,10 @@ def _launch_decode(q, k, v, out, attn_mask, is_causal, scale, bc, *, state, tria
         stats_cols,
         VALUE_DIM=value_dim, DV_PAD=dv_pad, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_N=block_n,
         PREFIX_CHUNK=256, DECIDE_CHUNK=16, T_PAD=_pow2(num_trials, 2), COUNT_MODE=count_mode,
-        DEBUG=decisions_out is not None, DOT_PRECISION=precision, num_warps=num_warps,
-        num_stages=DECODE_OVERRIDES.get("num_stages", 3),
+        DEBUG=decisions_out is not None, DOT_PRECISION=precision, PDL=pdl, SCORES_FP16=scores_fp16,
+        num_warps=num_warps, num_stages=DECODE_OVERRIDES.get("num_stages", 3), launch_pdl=pdl,
     )
     decode_combine_kernel[(batch * num_heads * query_len,)](
         part_acc, part_l, part_m, out, part_l.stride(2), part_l.stride(3), out.stride(2), splits,
-        VALUE_DIM=value_dim, DV_PAD=dv_pad, S_PAD=_pow2(splits, 2), num_warps=4,
+        VALUE_DIM=value_dim, DV_PAD=dv_pad, S_PAD=_pow2(splits, 2), PDL=pdl, num_warps=4, launch_pdl=pdl,
     )

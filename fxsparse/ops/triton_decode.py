@@ -6,9 +6,11 @@ G = Hq/Hkv query heads of one KV head and their Lq positions are packed as the r
 only, and V is read only for tiles some head keeps.
 
 The vote needs m = max over *all* earlier key tiles, which a split of the KV range does not see, so the
-kernels run in three launches (scores are Lq·Lk floats per head, small beside K and V)::
+kernels run in three launches (scores are Lq·Lk values per head, small beside K and V)::
 
-    1. scores:  per split, s = q·kᵀ (exp2 space) → scratch, and the row max m̃ of every key tile
+    1. scores:  per split, s = q·kᵀ (exp2 space) → scratch, and the row max m̃ of every key tile. For
+                16-bit inputs the scratch holds s − m̃ in fp16 (≤ 0, so 11 bits of mantissa where exp2 is
+                not negligible; bf16 outputs stay within their own rounding) at half the bytes
     2. attend:  per split, m = max of m̃ over earlier tiles (a short prefix scan), then two loops:
                   decide  the split's tiles DECIDE_CHUNK at a time ([rows, chunk] maxima, a prefix
                           max within the chunk): each head's vote (max of its rows' gaps) → keep_heads,
@@ -23,12 +25,19 @@ the loop carried an online-softmax rescale, and Triton's software pipeliner gave
 first fixes each row's reference max before the second loop, so that loop has no branch and no rescale
 (p ≤ 1, and l ≥ 1 for a row that keeps anything), and the pipeliner overlaps the V loads of the next
 kept tiles with this one's P·V.
+
+On sm_90 and later the attend and combine kernels are launched as programmatic dependents
+(``launch_pdl``): their programs take multiprocessors as the kernel before drains and wait in
+``gdc_wait`` for its writes, which hides a launch gap and the ramp of each wave (H200, B = 1: 5 %).
+A fourth kernel that decides apart from the attend loop, and an attend loop over every tile of the split
+with predicated V loads in place of the kept list, were both slower (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .triton_prefill import log2_threshold, row_gap
 
@@ -62,8 +71,11 @@ def decode_scores_kernel(
     num_kv_heads, group, query_len, kv_len, tiles_per_split, num_tiles, scale, mask_min,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr, SCORES_FP16: tl.constexpr,
 ):
     """Grid (splits, B·Hkv): scores and per-tile row maxima of the packed (query head, position) rows."""
+    if PDL:  # the attend kernel may take free multiprocessors once every program here has started
+        gdc_launch_dependents()
     split = tl.program_id(0)
     b = (tl.program_id(1) // num_kv_heads).to(tl.int64)  # 64-bit offsets: B·Hkv·Lk·D passes 2^31
     h_kv = (tl.program_id(1) % num_kv_heads).to(tl.int64)
@@ -110,8 +122,13 @@ def decode_scores_kernel(
         if MASK_KIND == 2:
             qk = qk + bias * 1.4426950408889634
         qk = tl.where(attend, qk, float("-inf"))
-        tl.store(row_scores + offs_n[None, :], qk, mask=store_ok)
-        tl.store(row_tile_max + tile, tl.max(qk, 1), mask=row_ok)
+        qk_max = tl.max(qk, 1)
+        if SCORES_FP16:  # s − m̃ ≤ 0 of the tile: fp16 keeps 11 bits where exp2 is not negligible
+            rel = tl.where(qk_max[:, None] == float("-inf"), float("-inf"), qk - qk_max[:, None])
+            tl.store(row_scores + offs_n[None, :], rel.to(tl.float16), mask=store_ok)
+        else:
+            tl.store(row_scores + offs_n[None, :], qk, mask=store_ok)
+        tl.store(row_tile_max + tile, qk_max, mask=row_ok)
 
 
 @triton.jit
@@ -128,7 +145,8 @@ def decode_attend_kernel(
     num_kv_heads, group, query_len, kv_len, tiles_per_split, num_tiles, phase, num_trials, stats_cols,
     VALUE_DIM: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, PREFIX_CHUNK: tl.constexpr, DECIDE_CHUNK: tl.constexpr, T_PAD: tl.constexpr,
-    COUNT_MODE: tl.constexpr, DEBUG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COUNT_MODE: tl.constexpr, DEBUG: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    SCORES_FP16: tl.constexpr,
 ):
     """Grid (splits, B·Hkv): per-head votes, then the partial softmax of the kept tiles.
 
@@ -157,6 +175,9 @@ def decode_attend_kernel(
         trials2 = tl.load(trials_ptr + offs_trial, mask=offs_trial < num_trials, other=float("-inf"))
     else:
         trials2 = tl.where(offs_trial == 0, log_lam2, float("-inf"))
+    if PDL:  # launched while the scores kernel drains: wait here for its writes
+        gdc_wait()
+        gdc_launch_dependents()
 
     # -- m over the tiles of earlier splits: a short scan of their row maxima --
     tile_lo = split * tiles_per_split
@@ -222,6 +243,8 @@ def decode_attend_kernel(
         n_ok = offs_n < kv_len
         keeps = tl.load(row_keep + tile, mask=row_ok, other=0) != 0
         s = tl.load(row_scores + offs_n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=float("-inf"))
+        if SCORES_FP16:
+            s = s.to(tl.float32) + tl.load(row_tile_max + tile, mask=row_ok, other=0.0)[:, None]
         p = tl.where(keeps[:, None], tl.math.exp2(s - m_safe[:, None]), 0.0)
         l_tile += p
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
@@ -247,9 +270,11 @@ def decode_combine_kernel(
     part_acc_ptr, part_l_ptr, part_m_ptr, out_ptr,
     stride_pr, stride_ps, stride_or,
     num_splits,
-    VALUE_DIM: tl.constexpr, DV_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    VALUE_DIM: tl.constexpr, DV_PAD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (B·Hq·Lq,): out = Σ_s 2^(m_s − M)·acc_s / Σ_s 2^(m_s − M)·l_s, 0 for rows that attend nothing."""
+    if PDL:
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, S_PAD)
     offs_dv = tl.arange(0, DV_PAD)
