@@ -30,8 +30,8 @@ On sm_90 and later the attend and combine kernels are launched as programmatic d
 (``launch_pdl``): their programs take multiprocessors as the kernel before drains and wait in
 ``gdc_wait`` for its writes, which hides a launch gap and the ramp of each wave (H200, B = 1: 5 %).
 A fourth kernel that decides apart from the attend loop, and an attend loop over every tile of the split
-with predicated V loads in place of the kept list, were both slower; TMA copies of the V tiles were no faster
-(bench/RESULTS.md, "Thirteenth session").
+with predicated V loads in place of the kept list, were both slower; TMA copies of the K and V tiles were no
+faster (bench/RESULTS.md, "Thirteenth session").
 """
 
 from __future__ import annotations
