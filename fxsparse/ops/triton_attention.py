@@ -11,7 +11,6 @@ inputs with D = Dv in {64, 128}, 128×128 tiles and no explicit mask or trial gr
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -263,11 +262,15 @@ def _tma_aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
 
 
+def _sm90_or_later(device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """Bulk tensor copies of ``tensors`` need Hopper, ``_tma_aligned`` tensors, and a scratch allocator (for the
     descriptors the kernels build)."""
     device = tensors[0].device
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+    if not _sm90_or_later(device):
         return False
     if not all(_tma_aligned(t) for t in tensors):
         return False
@@ -281,12 +284,10 @@ def _num_sms(device) -> int:
     return NUM_SMS_FALLBACK
 
 
-@functools.lru_cache(maxsize=None)
 def _has_pdl(device) -> bool:
     """Programmatic dependent launch (sm_90 on): a kernel's programs start while the one before it drains, and
     wait in ``gdc_wait`` for its writes. The interpreter cannot run that instruction: it takes the plain launch."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return device.type == "cuda" and not interpreted and torch.cuda.get_device_capability(device)[0] >= 9
+    return _sm90_or_later(device) and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def decode_splits(num_programs: int, num_tiles: int, device) -> int:
